@@ -1,0 +1,375 @@
+"""The method interface every UAD method implements.
+
+A method is a class with a config dataclass (every hyperparameter, published value as the
+default), registered by name with ``@register_method``. The contract follows
+scikit-learn's estimators:
+
+* ``__init__`` stores the config and does no work; learned state is created in ``fit``.
+* ``fit(train, val=None)`` learns from healthy slices only and returns ``self``.
+* ``score(images, brain_masks)`` returns anomaly maps, ``B x H x W`` float32, finite, same
+  ``H x W`` as the input, **higher = more anomalous** (as in anomalib and PyOD).
+* ``save(dir)`` / ``load(dir)`` round-trip exactly: a loaded method scores identically.
+
+Subclasses implement three hooks: ``_fit``, ``_score_batch`` and ``networks`` (the
+``nn.Module``s whose weights ``save`` stores). Configuration fields marked
+``inference_field(...)`` only change scoring, so the runner can evaluate ablation
+variants on one trained model (see ``training_key``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from methods.atomic import atomic_torch_save, atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover
+    from datasets.format import SliceSet
+
+FORMAT_VERSION = 1
+
+
+class MethodError(RuntimeError):
+    """A method produced something the interface forbids (wrong shape, NaN, ...)."""
+
+
+class ConfigError(ValueError):
+    """A configuration override names an unknown field or has a bad value."""
+
+
+def inference_field(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A config field that only affects scoring; changing it reuses the trained model."""
+    metadata = dict(kwargs.pop("metadata", {}) or {}, inference=True)
+    if default is dataclasses.MISSING:
+        return field(metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class MethodConfig:
+    """Fields shared by every method. Subclasses add their own, published values as defaults."""
+
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    score_batch_size: int = inference_field(32)
+    amp: bool = inference_field(False)  # bf16 autocast on CUDA for scoring
+    apply_brain_mask: bool = inference_field(True)  # zero the map outside the brain
+
+
+def config_to_dict(config: MethodConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def inference_field_names(config_cls: type[MethodConfig]) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("inference")}
+
+
+def _coerce(value: Any, current: Any, name: str) -> Any:
+    """Turn a string from the command line into the type of the field's current value."""
+    if not isinstance(value, str) or isinstance(current, str):
+        return value
+    text = value.strip()
+    if text.lower() in {"none", "null"}:
+        return None
+    if isinstance(current, bool):
+        if text.lower() in {"true", "1", "yes"}:
+            return True
+        if text.lower() in {"false", "0", "no"}:
+            return False
+        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = text
+    if isinstance(current, tuple) and isinstance(parsed, list):
+        return tuple(parsed)
+    if isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
+        return float(parsed)
+    return parsed
+
+
+def apply_overrides(config: MethodConfig, overrides: Mapping[str, Any]) -> MethodConfig:
+    """Return a copy of ``config`` with ``overrides`` applied; unknown names raise ConfigError."""
+    valid = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - valid)
+    if unknown:
+        raise ConfigError(
+            f"{type(config).__name__} has no field(s) {', '.join(unknown)}; "
+            f"valid fields: {', '.join(sorted(valid))}"
+        )
+    values = {k: _coerce(v, getattr(config, k), k) for k, v in overrides.items()}
+    return dataclasses.replace(config, **values)
+
+
+def stable_hash(obj: Any, length: int = 16) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} was asked for but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed the global RNGs and return a CPU generator for explicit sampling."""
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+class UADMethod(ABC):
+    """Base class of every anomaly detection method in the suite."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: Named overrides of the config; ``paper`` is the published setting (the defaults).
+    profiles: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "quick": {}}
+    #: Extra facts a record should carry (e.g. which perceptual distance was used).
+    notes: dict[str, Any]
+
+    def __init__(self, config: MethodConfig | None = None, **overrides: Any) -> None:
+        config = config if config is not None else self.Config()
+        if not isinstance(config, self.Config):
+            raise ConfigError(f"{type(self).__name__} expects a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = apply_overrides(config, overrides) if overrides else config
+        self.notes = {}
+        self.fitted_ = False
+        self.input_shape_: tuple[int, int, int] | None = None  # C, H, W seen in fit
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_profile(cls, profile: str = "paper", **overrides: Any) -> "UADMethod":
+        if profile not in cls.profiles:
+            raise ConfigError(f"{cls.name or cls.__name__} has no profile {profile!r}; choose from {sorted(cls.profiles)}")
+        config = apply_overrides(cls.Config(), cls.profiles[profile])
+        return cls(apply_overrides(config, overrides))
+
+    @property
+    def device(self) -> torch.device:
+        return resolve_device(self.config.device)
+
+    def training_key(self) -> str:
+        """Hash of everything that changes the trained weights (inference fields excluded)."""
+        skip = inference_field_names(type(self.config))
+        values = {k: v for k, v in config_to_dict(self.config).items() if k not in skip and k != "device"}
+        return stable_hash({"method": self.name, "config": values, "format": FORMAT_VERSION})
+
+    def with_inference_overrides(self, **overrides: Any) -> "UADMethod":
+        """Change scoring-only knobs of a fitted method in place (ablation variants)."""
+        allowed = inference_field_names(type(self.config))
+        bad = sorted(set(overrides) - allowed)
+        if bad:
+            raise ConfigError(
+                f"{', '.join(bad)} change(s) training for {self.name}; inference-time knobs are: {', '.join(sorted(allowed))}"
+            )
+        self.config = apply_overrides(self.config, overrides)
+        return self
+
+    # ------------------------------------------------------------------ hooks
+    @abstractmethod
+    def _fit(self, train: "SliceSet", val: "SliceSet | None") -> None:
+        """Learn from healthy ``train`` slices; build every network returned by ``networks``."""
+
+    @abstractmethod
+    def _score_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
+        """Map a batch ``B x C x H x W`` (on ``self.device``) to ``B x H x W`` anomaly maps."""
+
+    @abstractmethod
+    def networks(self) -> dict[str, nn.Module]:
+        """The modules whose weights make up the learned state."""
+
+    def _build(self) -> None:
+        """Create untrained networks for ``self.input_shape_`` (used by ``load``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _build to support load()")
+
+    def _reconstruct_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} does not produce a pseudo-healthy reconstruction")
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-serialisable learned state beyond network weights (e.g. a fitted threshold)."""
+        return {}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, train: "SliceSet", val: "SliceSet | None" = None) -> "UADMethod":
+        if len(train) == 0:
+            raise ValueError(f"{self.name}: the training set is empty")
+        if int(np.asarray(train.lesion_areas()).sum()) > 0:
+            raise ValueError(f"{self.name}: training slices must be healthy, but some carry lesion pixels")
+        self.input_shape_ = tuple(int(s) for s in train.images.shape[1:])  # type: ignore[assignment]
+        seed_everything(self.config.seed)
+        self._fit(train, val)
+        self.fitted_ = True
+        return self
+
+    def score(self, images: Any, brain_masks: Any, progress: bool = False) -> torch.Tensor:
+        """Anomaly maps for ``images`` (``B x C x H x W``); higher = more anomalous.
+
+        Runs in batches of ``config.score_batch_size`` without gradients; the result is a
+        float32 CPU tensor ``B x H x W``. Raises ``MethodError`` if the method returns a
+        wrong shape or non-finite values.
+        """
+        return self._batched(self._score_batch, images, brain_masks, progress, desc=f"score {self.name}", is_map=True)
+
+    def reconstruct(self, images: Any, brain_masks: Any) -> torch.Tensor:
+        """Pseudo-healthy restoration ``B x C x H x W`` (only for methods that make one)."""
+        return self._batched(self._reconstruct_batch, images, brain_masks, False, desc="reconstruct", is_map=False)
+
+    @property
+    def can_reconstruct(self) -> bool:
+        return type(self)._reconstruct_batch is not UADMethod._reconstruct_batch
+
+    def _batched(self, fn, images: Any, brain_masks: Any, progress: bool, desc: str, is_map: bool) -> torch.Tensor:
+        if not self.fitted_:
+            raise MethodError(f"{self.name}: call fit() or load() before scoring")
+        images_t = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        masks_t = torch.as_tensor(np.asarray(brain_masks)).to(torch.float32)
+        if images_t.ndim != 4:
+            raise ValueError(f"{self.name}: images must be B x C x H x W, got shape {tuple(images_t.shape)}")
+        if masks_t.shape != (images_t.shape[0], *images_t.shape[2:]):
+            raise ValueError(
+                f"{self.name}: brain_masks must be B x H x W = {(images_t.shape[0], *images_t.shape[2:])}, got {tuple(masks_t.shape)}"
+            )
+        if self.input_shape_ is not None and images_t.shape[1] != self.input_shape_[0]:
+            raise ValueError(f"{self.name}: trained on {self.input_shape_[0]} channel(s), got {images_t.shape[1]}")
+        device = self.device
+        outputs = []
+        batch = max(1, int(self.config.score_batch_size))
+        starts = range(0, images_t.shape[0], batch)
+        if progress:
+            from tqdm.auto import tqdm
+
+            starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+        for module in self.networks().values():
+            module.eval()
+        with torch.no_grad():
+            for start in starts:
+                x = images_t[start : start + batch].to(device)
+                m = masks_t[start : start + batch].to(device)
+                with self._autocast(device):
+                    out = fn(x, m)
+                out = out.float()
+                if is_map:
+                    out = self._check_map(out, x)
+                    if self.config.apply_brain_mask:
+                        out = out * (m > 0)
+                outputs.append(out.cpu())
+        if not outputs:
+            shape = (0, *images_t.shape[2:]) if is_map else (0, *images_t.shape[1:])
+            return torch.zeros(shape)
+        return torch.cat(outputs)
+
+    def _autocast(self, device: torch.device):
+        if self.config.amp and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(device.type, enabled=False)
+
+    def _check_map(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        expected = (x.shape[0], *x.shape[2:])
+        if tuple(out.shape) != expected:
+            raise MethodError(f"{self.name}: anomaly map has shape {tuple(out.shape)}, expected B x H x W = {expected}")
+        if not torch.isfinite(out).all():
+            bad = int((~torch.isfinite(out)).sum())
+            raise MethodError(f"{self.name}: anomaly map has {bad} non-finite value(s) (NaN or inf)")
+        return out
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write weights, config and version into ``directory`` (created; files replaced atomically)."""
+        if not self.fitted_:
+            raise MethodError(f"{self.name}: nothing to save, the method is not fitted")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        from methods import __version__
+
+        meta = {
+            "method": self.name,
+            "class": f"{type(self).__module__}:{type(self).__qualname__}",
+            "format_version": FORMAT_VERSION,
+            "uad_bench_version": __version__,
+            "input_shape": list(self.input_shape_ or ()),
+            "config": config_to_dict(self.config),
+            "extra_state": self.extra_state(),
+            "notes": self.notes,
+        }
+        weights = {name: {k: v.detach().cpu() for k, v in module.state_dict().items()} for name, module in self.networks().items()}
+        atomic_torch_save(weights, directory / "weights.pt")
+        atomic_write_text(json.dumps(meta, indent=2, default=str), directory / "method.json")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: str | None = None) -> "UADMethod":
+        """Rebuild a fitted method saved by ``save``."""
+        directory = Path(directory)
+        meta_path, weights_path = directory / "method.json", directory / "weights.pt"
+        for path in (meta_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; not a saved method directory")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{meta_path}: not valid JSON ({exc})") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_path}: format version {meta.get('format_version')} is not {FORMAT_VERSION}")
+        if cls is UADMethod:
+            from methods.registry import get_method_class
+
+            cls = get_method_class(meta["method"])
+        elif meta["method"] != cls.name:
+            raise ValueError(f"{meta_path}: holds method {meta['method']!r}, not {cls.name!r}")
+        config_values = meta["config"]
+        if device is not None:
+            config_values = dict(config_values, device=device)
+        defaults = cls.Config()
+        config = apply_overrides(defaults, {k: _restore_type(v, getattr(defaults, k, None)) for k, v in config_values.items()})
+        method = cls(config)
+        method.input_shape_ = tuple(meta["input_shape"])  # type: ignore[assignment]
+        method.notes = dict(meta.get("notes", {}))
+        method._build()
+        weights = torch.load(weights_path, map_location="cpu", weights_only=True)
+        networks = method.networks()
+        if set(weights) != set(networks):
+            raise ValueError(f"{weights_path}: holds networks {sorted(weights)}, expected {sorted(networks)}")
+        for name, module in networks.items():
+            module.load_state_dict(weights[name])
+            module.to(method.device)
+        method.set_extra_state(meta.get("extra_state", {}))
+        method.fitted_ = True
+        return method
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def iterate_minibatches(
+        self, n: int, batch_size: int, generator: torch.Generator, drop_last: bool = False
+    ) -> Iterator[np.ndarray]:
+        """Shuffled index batches for one epoch, reproducible from ``generator``."""
+        order = torch.randperm(n, generator=generator).numpy()
+        stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+        for start in range(0, stop, batch_size):
+            yield np.sort(order[start : start + batch_size])  # sorted: memory-mapped reads stay sequential
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def _restore_type(value: Any, default: Any) -> Any:
+    """JSON turns tuples into lists; give them back their tuple type."""
+    if isinstance(default, tuple) and isinstance(value, list):
+        return tuple(value)
+    return value
