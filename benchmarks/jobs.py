@@ -1,0 +1,108 @@
+"""The job grid: (protocol, method, data/modality, seed, variant), and its file layout."""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+DEFAULT_VARIANT = "default"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Config overrides applied on top of a method's profile (``default`` = none)."""
+
+    name: str = DEFAULT_VARIANT
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.overrides)
+
+
+@dataclass(frozen=True)
+class Job:
+    protocol: str
+    method: str
+    data: str  # "embedded" or a path to a prepared set
+    data_name: str
+    modality: str
+    seed: int
+    profile: str
+    variant: Variant = field(default_factory=Variant)
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.protocol}/{self.profile}/{self.method}/{self.data_name}-{self.modality}/seed{self.seed}/{self.variant.name}"
+
+    def record_path(self, out: Path) -> Path:
+        safe_variant = re.sub(r"[^A-Za-z0-9_.=+-]", "_", self.variant.name)
+        return out / "records" / self.protocol / self.profile / self.method / f"{self.data_name}-{self.modality}__seed{self.seed}__{safe_variant}.json"
+
+    @property
+    def group_key(self) -> tuple:
+        """Jobs with the same key differ only in their variant and run back to back."""
+        return (self.protocol, self.method, self.data, self.modality, self.seed, self.profile)
+
+
+def parse_variants(specs: Iterable[str], methods: Iterable[str]) -> dict[str, list[Variant]]:
+    """Parse ``--variants`` flags.
+
+    Each flag is ``METHOD:KNOB=V1,V2[,...]`` and adds one variant per value (one knob at a
+    time, as the paper's ablation tables do); several knobs in one variant are joined with
+    ``+``: ``madad:ddim_steps=2+gamma=none``. The default variant is always kept.
+    """
+    methods = list(methods)
+    result: dict[str, list[Variant]] = {m: [Variant()] for m in methods}
+    for spec in specs:
+        if ":" not in spec:
+            raise ValueError(f"--variants {spec!r}: expected METHOD:KNOB=V1,V2 (e.g. madad:ddim_steps=2,5,10)")
+        method, body = spec.split(":", 1)
+        if method not in result:
+            raise ValueError(f"--variants {spec!r}: method {method!r} is not among --methods ({', '.join(methods)})")
+        if "+" in body:
+            overrides = tuple(_split_assignment(part, spec) for part in body.split("+"))
+            combos = [tuple((k, v) for k, v in overrides)]
+        else:
+            key, values = _split_assignment(body, spec)
+            combos = [((key, v),) for v in values.split(",") if v != ""]
+        for combo in combos:
+            name = "+".join(f"{k}={v}" for k, v in combo)
+            if all(existing.name != name for existing in result[method]):
+                result[method].append(Variant(name=name, overrides=combo))
+    return result
+
+
+def _split_assignment(text: str, spec: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ValueError(f"--variants {spec!r}: {text!r} is not KNOB=VALUE")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def build_jobs(
+    protocol: str,
+    methods: list[str],
+    data: str,
+    data_name: str,
+    modalities: list[str],
+    seeds: list[int],
+    profile: str,
+    variants: dict[str, list[Variant]],
+) -> list[Job]:
+    jobs = []
+    for method, modality, seed in itertools.product(methods, modalities, seeds):
+        for variant in variants.get(method, [Variant()]):
+            jobs.append(Job(protocol, method, data, data_name, modality, seed, profile, variant))
+    return jobs
+
+
+def group_jobs(jobs: list[Job]) -> list[list[Job]]:
+    """Group jobs that share a trained model, keeping first-seen order."""
+    groups: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.group_key, []).append(job)
+    return list(groups.values())

@@ -1,0 +1,243 @@
+"""Train and evaluate methods under a protocol; one JSON record per job.
+
+    python -m benchmarks.run --protocol S2 --methods madad,thor
+    python -m benchmarks.run --protocol S1 --methods ae --seeds 0,1,2 --profile paper --device cuda
+    python -m benchmarks.run --protocol S2 --methods madad --variants madad:ddim_steps=2,5,10
+    python -m benchmarks.run --list-methods
+
+A rerun with the same --out skips finished jobs, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from benchmarks.execute import RunContext, data_name, load_data
+from benchmarks.executors import EXECUTORS, get_executor
+from benchmarks.jobs import build_jobs, parse_variants
+from methods.base import ConfigError, resolve_device
+
+PROFILES_AUTO = "auto"
+
+
+class UsageError(ValueError):
+    """A command-line argument is wrong; the message says which and what is valid."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", type=str.upper, choices=["S1", "S2"], help="S1: global Max Dice (IXI->ATLAS setting); S2: per-image Max Dice (BraTS'21 setting)")
+    parser.add_argument("--methods", default="ae", help="comma-separated method names, or 'all' (see --list-methods)")
+    parser.add_argument("--data", default="embedded", help="'embedded' (default, no download) or the path of a prepared set")
+    parser.add_argument("--profile", default=PROFILES_AUTO, help="config profile: quick, paper, or a method-specific one (e.g. official); auto = quick on CPU, paper on GPU")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
+    parser.add_argument("--modalities", default=None, help="comma-separated subset of the protocol's modalities (default: all it evaluates)")
+    parser.add_argument("--variants", action="append", default=[], metavar="METHOD:KNOB=V1,V2", help="ablation variants; repeatable")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD:FIELD=VALUE", help="override a config field for every job of METHOD; repeatable")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", default=None, help="run directory (default results/runs/<protocol>-<profile>)")
+    parser.add_argument("--checkpoints", default=None, help="checkpoint cache (default <out>/checkpoints)")
+    parser.add_argument("--executor", default="local", choices=EXECUTORS)
+    parser.add_argument("--address", default=None, help="Ray: address of an existing cluster (default: start a local one)")
+    parser.add_argument("--gpus-per-job", type=float, default=None, help="Ray: GPUs per job, fractional allowed (default 1 if GPUs exist, else 0)")
+    parser.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray: CPUs per job")
+    parser.add_argument("--retries", type=int, default=1, help="Ray: retries of a job whose task raised or whose worker died")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per job")
+    parser.add_argument("--examples", type=int, default=4, help="test slices stored per record for the figures")
+    parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing job instead of recording it")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--list-methods", action="store_true", help="list registered methods (built-in and plugins) and exit")
+    return parser
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip() != ""]
+    except ValueError:
+        raise UsageError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if not seeds:
+        raise UsageError("--seeds: give at least one seed")
+    return seeds
+
+
+def resolve_methods(text: str) -> list[str]:
+    from methods.registry import list_methods
+
+    known = list_methods()
+    names = known if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise UsageError(f"--methods: unknown method(s) {', '.join(unknown)}; known methods: {', '.join(known)}")
+    if not names:
+        raise UsageError("--methods: give at least one method")
+    return names
+
+
+def resolve_profile(profile: str, device: str, methods: list[str]) -> str:
+    from methods.registry import get_method_class
+
+    if profile == PROFILES_AUTO:
+        profile = "quick" if resolve_device(device).type == "cpu" else "paper"
+    for name in methods:
+        available = get_method_class(name).profiles
+        if profile not in available:
+            raise UsageError(f"--profile {profile!r}: method {name!r} has profiles {', '.join(sorted(available))}")
+    return profile
+
+
+def parse_set_overrides(specs: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
+    result: dict[str, dict[str, str]] = {}
+    for spec in specs:
+        method, sep, assignment = spec.partition(":")
+        if not sep or "=" not in assignment:
+            raise UsageError(f"--set {spec!r}: expected METHOD:FIELD=VALUE")
+        if method not in methods:
+            raise UsageError(f"--set {spec!r}: method {method!r} is not among --methods ({', '.join(methods)})")
+        key, value = assignment.split("=", 1)
+        result.setdefault(method, {})[key.strip()] = value.strip()
+    return result
+
+
+def list_methods_text() -> str:
+    from methods.registry import get_method_class, method_sources
+
+    lines = []
+    for name, source in method_sources().items():
+        cls = get_method_class(name)
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        lines.append(f"{name:10s} {source:30s} profiles: {', '.join(sorted(cls.profiles)):28s} {doc}")
+    return "\n".join(lines)
+
+
+def summary_table(records: list[dict[str, Any]]) -> str:
+    import pandas as pd
+
+    rows = []
+    for r in records:
+        timings, metrics = r.get("timings", {}), r.get("metrics", {})
+        rows.append(
+            {
+                "method": r["method"],
+                "variant": r["variant"],
+                "modality": r.get("data", {}).get("modality"),
+                "seed": r["seed"],
+                "status": r["status"],
+                "max_dice": None if "max_dice" not in metrics else round(100 * metrics["max_dice"], 1),
+                "auroc": None if "auroc" not in metrics else round(100 * metrics["auroc"], 1),
+                "fit_s": None if timings.get("fit_seconds") is None else round(timings["fit_seconds"], 1),
+                "slices/s": None if timings.get("slices_per_second") is None else round(timings["slices_per_second"], 1),
+                "error": (r.get("error") or "")[:60],
+            }
+        )
+    if not rows:
+        return "(no jobs)"
+    frame = pd.DataFrame(rows).sort_values(["method", "variant", "modality", "seed"])
+    if not frame["error"].astype(bool).any():
+        frame = frame.drop(columns="error")
+    return frame.to_string(index=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_methods:
+        print(list_methods_text())
+        return 0
+    if args.protocol is None:
+        parser.error("--protocol is required (S1 or S2)")
+    try:
+        return _run(args)
+    except (UsageError, ConfigError) as exc:
+        parser.error(str(exc))
+    return 2  # unreachable: parser.error exits
+
+
+def _run(args: argparse.Namespace) -> int:
+    from protocols import ProtocolDataError, get_protocol
+
+    methods = resolve_methods(args.methods)
+    seeds = parse_seeds(args.seeds)
+    profile = resolve_profile(args.profile, args.device, methods)
+    protocol = get_protocol(args.protocol)
+    data_spec = args.data if args.data == "embedded" else str(Path(args.data).resolve())
+    try:
+        data = load_data(data_spec)
+        protocol.check_data(data)
+    except ProtocolDataError as exc:
+        raise UsageError(f"--data {args.data}: {exc}") from exc
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--data {args.data}: {exc}") from exc
+    modalities = protocol.modalities(data)
+    if args.modalities:
+        wanted = [m.strip() for m in args.modalities.split(",") if m.strip()]
+        bad = [m for m in wanted if m not in modalities]
+        if bad:
+            raise UsageError(f"--modalities: {', '.join(bad)} not evaluated by {protocol.name} on this data; choose from {', '.join(modalities)}")
+        modalities = wanted
+    try:
+        variants = parse_variants(args.variants, methods)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    base_overrides = parse_set_overrides(args.set, methods)
+    if base_overrides:
+        from benchmarks.jobs import Variant
+
+        for method, overrides in base_overrides.items():
+            variants[method] = [
+                Variant(v.name, tuple({**overrides, **v.as_dict}.items())) for v in variants[method]
+            ]
+    _validate_variants(variants, profile)
+
+    out = Path(args.out or f"results/runs/{protocol.name}-{profile}").resolve()
+    checkpoints = Path(args.checkpoints).resolve() if args.checkpoints else out / "checkpoints"
+    name = data_name(data_spec)
+    jobs = build_jobs(protocol.name, methods, data_spec, name, modalities, seeds, profile, variants)
+    ctx = RunContext(
+        out=str(out),
+        checkpoints=str(checkpoints),
+        device=args.device,
+        progress=not args.no_progress,
+        n_examples=args.examples,
+        fail_fast=args.fail_fast,
+        threads=args.threads,
+    )
+    print(
+        f"uad-bench: protocol {protocol.name}, data {name} ({', '.join(modalities)}), profile {profile}, "
+        f"{len(methods)} method(s), {len(seeds)} seed(s) -> {len(jobs)} job(s); records in {out}",
+        file=sys.stderr,
+    )
+    start = time.perf_counter()
+    executor = get_executor(args.executor)
+    records = executor(
+        jobs,
+        ctx,
+        address=args.address,
+        gpus_per_job=args.gpus_per_job,
+        cpus_per_job=args.cpus_per_job,
+        retries=args.retries,
+    )
+    wall = time.perf_counter() - start
+    print(summary_table(records))
+    failed = [r for r in records if r.get("status") != "ok"]
+    print(f"\n{len(records) - len(failed)} job(s) ok, {len(failed)} failed, wall time {wall:.1f} s; records in {out}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _validate_variants(variants: dict, profile: str) -> None:
+    """Fail before any training if a variant names an unknown field or bad value."""
+    from methods.registry import create_method
+
+    for method, items in variants.items():
+        for variant in items:
+            try:
+                create_method(method, profile, **variant.as_dict)
+            except (ConfigError, TypeError, ValueError) as exc:
+                raise UsageError(f"variant {method}:{variant.name}: {exc}") from exc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

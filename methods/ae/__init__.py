@@ -1,0 +1,5 @@
+"""Dense convolutional autoencoder (Baur et al.)."""
+
+from methods.ae.method import AEConfig, AutoEncoder
+
+__all__ = ["AEConfig", "AutoEncoder"]
