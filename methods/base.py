@@ -139,6 +139,9 @@ class UADMethod(ABC):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     #: Named overrides of the config; ``paper`` is the published setting (the defaults).
     profiles: ClassVar[dict[str, dict[str, Any]]] = {"paper": {}, "quick": {}}
+    #: Whether maps are independent of ``score_batch_size`` (False for methods that draw
+    #: sampling noise batch by batch); the conformance test checks it when True.
+    batch_invariant: ClassVar[bool] = True
     #: Extra facts a record should carry (e.g. which perceptual distance was used).
     notes: dict[str, Any]
 

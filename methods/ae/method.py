@@ -78,7 +78,12 @@ class AutoEncoder(UADMethod):
 
     Config = AEConfig
     config: AEConfig
-    profiles = {"paper": {}, "quick": {"epochs": 40, "batch_size": 16, "lr": 5e-4}}
+    profiles = {
+        "paper": {},
+        "quick": {"epochs": 40, "batch_size": 16, "lr": 5e-4},
+        # For the conformance test: seconds on a CPU, same architecture family.
+        "tiny": {"epochs": 2, "batch_size": 4, "channels": (8, 16, 16, 16), "latent_dim": 16},
+    }
 
     def _build(self) -> None:
         c, h, w = self.input_shape_  # type: ignore[misc]
