@@ -1,0 +1,10 @@
+"""Shared building blocks of the methods: backbones, noise schedules, noise, diffusion loops.
+
+* ``backbone``: ``build_unet`` (MONAI DiffusionModelUNet, THOR/ci-ber setting), ``BackboneConfig``.
+* ``schedules``: ``NoiseSchedule`` / ``make_schedule`` (linear, cosine) and the closed-form steps.
+* ``simplex``: batched multi-scale simplex noise in torch (AnoDDPM).
+* ``diffusion``: ``PixelDiffusionConfig`` / ``PixelDiffusionMethod`` (training loop, partial
+  noising, reverse chain, one-pass denoising) for the pixel-space diffusion baselines.
+
+Submodules are imported lazily by the methods that need them (MONAI is slow to import).
+"""
