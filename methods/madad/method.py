@@ -1,0 +1,369 @@
+"""MAD-AD: masked latent diffusion for unsupervised brain anomaly detection
+(Beizaee et al., IPMI 2025). See methods/madad/README.md for every choice.
+
+Pipeline: slices -> internal resolution -> VAE latents (frozen VAE) -> a UNet trained on
+the masked forward process (eq. 2) to predict z0 and the mask -> at test time masked DDIM
+from ``z_T = E(x)`` (eqs. 6-7) -> decode -> eq. 8 map -> back to the input size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from datasets.format import SliceSet
+from methods.base import ConfigError, UADMethod
+from methods.madad import anomaly
+from methods.madad.augment import augment
+from methods.madad.config import (
+    BRAIN_RULES,
+    LR_SCHEDULES,
+    MASK_LOSSES,
+    PROFILES,
+    REFERENCES,
+    SCHEDULES,
+    SOURCES,
+    STARTS,
+    MadadConfig,
+)
+from methods.madad.forward import alphas_cumprod, masked_q_sample
+from methods.madad.masking import restrict_to_brain, sample_patch_masks
+from methods.madad.sampler import MaskedDDIMOutput, masked_ddim
+from methods.madad.unet import MaskedDenoiser
+from methods.madad.vae import SD_SCALING_FACTOR, build_vae, encode_stats, load_pretrained_grey_vae, train_vae, vae_arch
+from methods.registry import register_method
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"madad: {name} must be one of {allowed}, got {value!r}")
+
+
+@register_method("madad")
+class MADAD(UADMethod):
+    """Masked latent diffusion; maps are higher = more anomalous."""
+
+    Config = MadadConfig
+    profiles = PROFILES
+
+    def __init__(self, config: Optional[MadadConfig] = None, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.vae: Optional[nn.Module] = None
+        self.denoiser: Optional[MaskedDenoiser] = None
+        self.latent_scale_: Optional[float] = None
+        self._score_index = 0  # running slice index within one score() call (noise seeds)
+
+    # ------------------------------------------------------------------ config checks
+    def _check_config(self) -> None:
+        c = self.config
+        _choice("schedule", c.schedule, SCHEDULES)
+        _choice("mask_loss", c.mask_loss, MASK_LOSSES)
+        _choice("brain_restriction", c.brain_restriction, BRAIN_RULES)
+        _choice("inference_start", c.inference_start, STARTS)
+        _choice("train_latent", c.train_latent, STARTS)
+        _choice("anomaly_source", c.anomaly_source, SOURCES)
+        _choice("map_reference", c.map_reference, REFERENCES)
+        _choice("lr_schedule", c.lr_schedule, LR_SCHEDULES)
+        factor = 2 ** (len(c.vae_block_out_channels) - 1)
+        if c.image_size % factor:
+            raise ConfigError(f"madad: image_size {c.image_size} must be divisible by the VAE factor {factor}")
+        if c.vae_perceptual_weight > 0:
+            raise ConfigError(
+                "madad: vae_perceptual_weight > 0 needs LPIPS weights, which cannot be downloaded here; "
+                "leave it at 0 (reconstruction + KL, optionally vae_adversarial_weight)"
+            )
+        if not 1 <= c.ddim_steps <= c.timesteps:
+            raise ConfigError(f"madad: ddim_steps must be in 1..{c.timesteps}, got {c.ddim_steps}")
+        anomaly.gaussian_sigma_check(c.smoothing_sigma)
+
+    # ------------------------------------------------------------------ geometry helpers
+    @property
+    def _vae_factor(self) -> int:
+        arch = self.notes.get("vae_arch") or {"block_out_channels": self.config.vae_block_out_channels}
+        return 2 ** (len(arch["block_out_channels"]) - 1)
+
+    @property
+    def _latent_hw(self) -> tuple[int, int]:
+        s = self.config.image_size // self._vae_factor
+        return s, s
+
+    def _to_vae(self, x: torch.Tensor) -> torch.Tensor:
+        """Data (``B x C x H x W``) -> VAE input: internal resolution, [-1, 1]."""
+        lo, hi = self.config.data_range
+        x = (x - lo) / (hi - lo) * 2 - 1
+        return anomaly.resample(x, (self.config.image_size, self.config.image_size))
+
+    def _from_vae(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        lo, hi = self.config.data_range
+        return anomaly.resample((x + 1) / 2 * (hi - lo) + lo, size)
+
+    def _brain_internal(self, brain: torch.Tensor) -> torch.Tensor:
+        s = self.config.image_size
+        return anomaly.resample(brain.float().unsqueeze(1), (s, s))[:, 0]
+
+    # ------------------------------------------------------------------ networks
+    def _vae_arch_from_config(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "block_out_channels": list(c.vae_block_out_channels),
+            "layers_per_block": c.vae_layers_per_block,
+            "latent_channels": c.vae_latent_channels,
+            "norm_num_groups": c.vae_norm_groups,
+            "sample_size": c.image_size,
+        }
+
+    def _make_denoiser(self, latent_channels: int) -> MaskedDenoiser:
+        c = self.config
+        return MaskedDenoiser(
+            latent_channels=latent_channels,
+            sample_size=self._latent_hw[0],
+            block_out_channels=c.unet_block_out_channels,
+            layers_per_block=c.unet_layers_per_block,
+            attention_levels=tuple(bool(a) for a in c.unet_attention_levels),
+            attention_head_dim=c.unet_attention_head_dim,
+            norm_groups=c.unet_norm_groups,
+            dropout=c.dropout,
+            zero_init=c.mask_head_zero_init,
+        )
+
+    def _build(self) -> None:
+        self._check_config()
+        if self.input_shape_ is None:
+            raise RuntimeError("madad: _build needs input_shape_ (set by fit or load)")
+        channels = self.input_shape_[0]
+        arch = self.notes.get("vae_arch") or self._vae_arch_from_config()
+        self.vae = build_vae(arch, in_channels=channels).to(self.device).eval()
+        self.vae.requires_grad_(False)
+        self.denoiser = self._make_denoiser(int(arch["latent_channels"])).to(self.device)
+        self.abar = alphas_cumprod(self.config.schedule, self.config.timesteps)
+
+    def networks(self) -> dict[str, nn.Module]:
+        if self.vae is None or self.denoiser is None:
+            return {}
+        return {"vae": self.vae, "denoiser": self.denoiser}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"latent_scale": self.latent_scale_}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.latent_scale_ = float(state["latent_scale"])
+
+    # ------------------------------------------------------------------ training
+    def _batch(self, data: SliceSet, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.asarray(data.images[idx], dtype=np.float32))
+        b = torch.from_numpy(np.asarray(data.brain_masks[idx], dtype=np.float32))
+        return x, b
+
+    def _fit(self, train: SliceSet, val: Optional[SliceSet]) -> None:
+        self._check_config()
+        c = self.config
+        device = self.device
+        channels = self.input_shape_[0]
+        gen = torch.Generator().manual_seed(c.seed)
+        t0 = time.perf_counter()
+
+        # 1. Latent space.
+        if c.vae_path:
+            if channels != 1:
+                raise ConfigError(f"madad: a pretrained RGB VAE is adapted to one channel; the data have {channels}")
+            self.vae = load_pretrained_grey_vae(c.vae_path)
+            epochs = c.vae_finetune_epochs
+            self.notes["vae_source"] = f"pretrained:{c.vae_path}+finetune" if epochs > 0 else f"pretrained:{c.vae_path}"
+        else:
+            self.vae = build_vae(self._vae_arch_from_config(), in_channels=channels)
+            epochs = c.vae_epochs
+            self.notes["vae_source"] = "trained-from-scratch"
+        self.notes["vae_arch"] = vae_arch(self.vae)
+        self.notes["vae_epochs"] = epochs
+
+        def vae_batches(epoch: int):
+            for idx in self.iterate_minibatches(len(train), c.vae_batch_size, gen):
+                yield self._to_vae(self._batch(train, idx)[0])
+
+        history = train_vae(
+            self.vae, vae_batches, epochs, c.vae_lr, c.vae_rec_loss, c.vae_kl_weight,
+            c.vae_adversarial_weight, c.vae_adversarial_start_epoch, device, desc="madad vae",
+        )
+        self.vae.to(device).eval().requires_grad_(False)  # frozen from here on
+        self.notes["vae_final_loss"] = history[-1] if history else None
+        self.notes["vae_seconds"] = round(time.perf_counter() - t0, 2)
+
+        # 2. Latents of the training set (once, unless augmentation needs fresh encodings).
+        cached: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        if c.aug_p <= 0:
+            means, stds = [], []
+            with torch.no_grad():
+                for start in range(0, len(train), c.vae_batch_size):
+                    idx = np.arange(start, min(start + c.vae_batch_size, len(train)))
+                    m, s = encode_stats(self.vae, self._to_vae(self._batch(train, idx)[0]).to(device))
+                    means.append(m.cpu())
+                    stds.append(s.cpu())
+            cached = (torch.cat(means), torch.cat(stds))
+        if c.latent_scale is not None:
+            self.latent_scale_ = float(c.latent_scale)
+        elif c.vae_path:
+            self.latent_scale_ = float(getattr(self.vae.config, "scaling_factor", SD_SCALING_FACTOR))
+        else:  # LDM practice for a new VAE: unit-variance latents
+            if cached is None:
+                with torch.no_grad():
+                    idx = np.arange(min(len(train), 256))
+                    m, s = encode_stats(self.vae, self._to_vae(self._batch(train, idx)[0]).to(device))
+                cached_std = (m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(c.seed)).to(m)).std()
+            else:
+                m, s = cached
+                cached_std = (m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(c.seed))).std()
+            self.latent_scale_ = float(1.0 / cached_std.clamp(min=1e-6))
+        self.notes["latent_scale"] = self.latent_scale_
+
+        # 3. Denoiser on the masked forward process.
+        self.abar = alphas_cumprod(c.schedule, c.timesteps)
+        latent_channels = int(self.notes["vae_arch"]["latent_channels"])
+        self.denoiser = self._make_denoiser(latent_channels).to(device)
+        ema = None
+        if c.ema_decay > 0:
+            ema = self._make_denoiser(latent_channels).to(device)
+            ema.load_state_dict(self.denoiser.state_dict())
+            ema.requires_grad_(False)
+        t1 = time.perf_counter()
+        self._train_denoiser(train, cached, gen, ema)
+        if ema is not None:
+            self.denoiser.load_state_dict(ema.state_dict())
+        self.denoiser.eval()
+        self.notes["denoiser_seconds"] = round(time.perf_counter() - t1, 2)
+
+    def _lr_factor(self, epoch: int) -> float:
+        c = self.config
+        if epoch < c.warmup_epochs:
+            return (epoch + 1) / (c.warmup_epochs + 1)
+        if c.lr_schedule == "cosine":  # decays to 0 at 1.2 x epochs, as the authors' code
+            total = max(1.0, 1.2 * c.epochs - c.warmup_epochs)
+            return 0.5 * (1 + math.cos(math.pi * (epoch - c.warmup_epochs) / total))
+        return 1.0
+
+    def _train_denoiser(self, train: SliceSet, cached, gen: torch.Generator, ema: Optional[nn.Module]) -> None:
+        from tqdm.auto import tqdm
+
+        c = self.config
+        device = self.device
+        model = self.denoiser
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
+        hw = self._latent_hw
+        probs = tuple(c.patch_size_probs) if c.patch_size_probs is not None else None
+        losses: list[float] = []
+        bar = tqdm(range(c.epochs), desc="madad denoiser", unit="epoch", leave=False)
+        for epoch in bar:
+            total, parts, count = 0.0, np.zeros(2), 0
+            for idx in self.iterate_minibatches(len(train), c.batch_size, gen):
+                x, brain = self._batch(train, idx)
+                if cached is None:
+                    xv, brain = augment(
+                        self._to_vae(x), self._brain_internal(brain), gen, c.aug_p,
+                        c.aug_rotate_deg, c.aug_translate_px, c.aug_brightness, c.aug_contrast,
+                    )
+                    with torch.no_grad():
+                        mean, std = encode_stats(self.vae, xv.to(device))
+                else:
+                    mean, std = cached[0][idx].to(device), cached[1][idx].to(device)
+                b = mean.shape[0]
+                if c.train_latent == "sample":
+                    mean = mean + std * torch.randn(mean.shape, generator=gen).to(device)
+                z0 = mean * self.latent_scale_
+                masks, _, _ = sample_patch_masks(
+                    b, hw, gen, (c.mask_ratio_min, c.mask_ratio_max), c.patch_sizes, probs, c.patch_size_per
+                )
+                masks = restrict_to_brain(
+                    masks, brain, c.brain_restriction, c.latent_brain_threshold, c.brain_block_latent, c.brain_block_min_fraction
+                ).to(device)
+                t = torch.randint(1, c.timesteps + 1, (b,), generator=gen)
+                noise = torch.randn(z0.shape, generator=gen).to(device)
+                z_t = masked_q_sample(z0, t, masks, noise, self.abar)
+                z0_hat, logits = model(z_t, (t - 1).to(device))
+                mse = F.mse_loss(z0_hat, z0)
+                if c.mask_loss == "bce":
+                    mask_term = F.binary_cross_entropy_with_logits(logits, masks)
+                else:  # authors' code: MSE on the sigmoid output
+                    mask_term = F.mse_loss(torch.sigmoid(logits), masks)
+                loss = mse + c.mask_loss_weight * mask_term
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if ema is not None:
+                    with torch.no_grad():
+                        for pe, pm in zip(ema.parameters(), model.parameters()):
+                            pe.lerp_(pm, 1 - c.ema_decay)
+                total += float(loss.detach()) * b
+                parts += np.array([float(mse.detach()), float(mask_term.detach())]) * b
+                count += b
+            sched.step()
+            losses.append(total / max(count, 1))
+            bar.set_postfix(mse=f"{parts[0] / max(count, 1):.4f}", mask=f"{parts[1] / max(count, 1):.4f}")
+        self.notes["denoiser_final_loss"] = losses[-1] if losses else None
+        self.notes["denoiser_final_mse"] = float(parts[0] / max(count, 1)) if c.epochs else None
+        self.notes["denoiser_final_mask_loss"] = float(parts[1] / max(count, 1)) if c.epochs else None
+
+    # ------------------------------------------------------------------ inference
+    def score(self, images: Any, brain_masks: Any, progress: bool = False) -> torch.Tensor:
+        self._score_index = 0  # noise is seeded per slice index: reproducible, batch-size free
+        return super().score(images, brain_masks, progress)
+
+    def reconstruct(self, images: Any, brain_masks: Any) -> torch.Tensor:
+        self._score_index = 0
+        return super().reconstruct(images, brain_masks)
+
+    def _slice_noise(self, batch: int, latent_shape: tuple[int, ...], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slice: one posterior-sample noise and ``steps`` DDIM noises, from a generator
+        seeded by ``(config.seed, slice index)``."""
+        start, self._score_index = self._score_index, self._score_index + batch
+        eps0, eps = [], []
+        for i in range(start, start + batch):
+            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + i)
+            eps0.append(torch.randn(latent_shape, generator=g))
+            eps.append(torch.randn((steps, *latent_shape), generator=g))
+        return torch.stack(eps0), torch.stack(eps, 1)  # B x C x h x w, steps x B x C x h x w
+
+    def _denoise(self, z: torch.Tensor, t_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.denoiser(z, t_index)
+
+    def _restore(self, images: torch.Tensor) -> dict[str, Any]:
+        """Run MAD-AD on a batch; returns internal-resolution tensors on [-1, 1]."""
+        c = self.config
+        scale = self.latent_scale_
+        x = self._to_vae(images)
+        mean, std = encode_stats(self.vae, x)
+        mean, std = mean.float(), std.float()
+        eps0, eps = self._slice_noise(x.shape[0], tuple(mean.shape[1:]), c.ddim_steps)
+        eps0, eps = eps0.to(x.device), eps.to(x.device)
+        z_input = mean + std * eps0 if c.inference_start == "sample" else mean
+        z_T = z_input * scale
+        out: MaskedDDIMOutput = masked_ddim(
+            self._denoise, z_T, self.abar, c.ddim_steps, c.sigma, c.mask_threshold, eps if c.sigma > 0 else None
+        )
+        restored = self.vae.decode(out.z0 / scale).sample.float()
+        return {"x": x, "z_T": z_T, "out": out, "restored": restored}
+
+    def _score_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        r = self._restore(images)
+        size = (c.image_size, c.image_size)
+        if c.anomaly_source == "image_diff":
+            if c.map_reference == "input":
+                reference = r["x"]
+            else:  # authors' code: compare with the VAE's own reconstruction D(E(x))
+                reference = self.vae.decode(r["z_T"] / self.latent_scale_).sample.float()
+            amap = anomaly.image_diff_map(r["restored"], reference.float(), c.gamma, c.smoothing_sigma)
+        elif c.anomaly_source == "latent_diff":
+            amap = anomaly.latent_diff_map(r["out"].z0.float(), r["z_T"].float(), size, c.smoothing_sigma)
+        else:
+            amap = anomaly.mean_mask_map(r["out"].mean_mask, size, c.smoothing_sigma)
+        return anomaly.resample(amap.float(), tuple(images.shape[-2:]))[:, 0]
+
+    def _reconstruct_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
+        return self._from_vae(self._restore(images)["restored"], tuple(images.shape[-2:]))
