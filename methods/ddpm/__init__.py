@@ -23,21 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import inference_field
-from methods.common.diffusion import PixelDiffusionConfig, PixelDiffusionMethod
+from methods.common.diffusion import QUICK_BACKBONE, TINY_BACKBONE, PixelDiffusionConfig, PixelDiffusionMethod
 from methods.registry import register_method
-
-#: Overrides shared by the quick profiles of the pixel-space diffusion baselines.
-QUICK_BACKBONE = {
-    "channels": (32, 64, 64),
-    "attention_levels": (False, False, True),
-    "num_head_channels": 32,
-    "norm_num_groups": 16,
-    "num_train_timesteps": 100,
-    "image_size": 64,
-    "batch_size": 32,
-    "epochs": 15,
-}
-
 
 @dataclass
 class DDPMConfig(PixelDiffusionConfig):
@@ -50,7 +37,7 @@ class DDPM(PixelDiffusionMethod):
 
     Config = DDPMConfig
     config: DDPMConfig
-    profiles = {"paper": {}, "quick": {**QUICK_BACKBONE, "t_start": 35}}
+    profiles = {"paper": {}, "quick": {**QUICK_BACKBONE, "t_start": 35}, "tiny": {**TINY_BACKBONE, "t_start": 4}}
 
     def restore(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         t = int(self.config.t_start)

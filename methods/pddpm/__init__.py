@@ -1,0 +1,147 @@
+"""pDDPM, patched diffusion models (Behrendt et al., MIDL 2023).
+
+Training: for each slice one patch of a fixed grid is noised (forward process at a
+uniformly drawn t, cosine schedule) while the rest of the slice stays clean; the UNet
+predicts x0 and the L1 loss is taken over the noised patch only (the authors'
+``inpaint=True``: outside the patch the prediction is replaced by the input, so only the
+patch contributes). Test: every patch of a grid of non-overlapping ``patch_size`` squares
+(48 x 48 at 128 x 128) is, in turn, noised alone to ``t_start`` = 499 (of T = 1000) and
+restored by one x0 prediction; the restoration is stitched from the patches and the map
+is ``|x - x_hat|`` (channel mean, data units).
+
+The grid. Patches start at 0, p, 2p, ...; when ``p`` does not divide the side (128 / 48),
+the last row/column patch is shifted inward to end at the border (starts 0, 48, 80), so
+every noised patch is a full ``p x p`` square as in training. Each pixel is *owned* by
+exactly one patch, the first that covers it (the shifted last patch owns only its
+uncovered part, 96..127): the stitched restoration takes each pixel from its owner.
+``patch_grid`` returns the boxes and the ownership masks (they sum to 1 everywhere).
+
+Departures from the authors' code (FinnBehrendt/patched-Diffusion-Models-UAD):
+
+* the suite's shared MONAI UNet instead of the authors' OpenAI UNet (128 channels,
+  mults 1/2/2), and 128 x 128 input instead of their 96 x 96 (2 x 2 grid of 48);
+* their MIDL config trains and tests with simplex noise (``noisetype: simplex``); DESIGN.md
+  specifies the Gaussian variant, which is the default here; ``noise="simplex"``
+  gives theirs;
+* the L1 loss is averaged over the patch pixels (theirs over the whole image with zero
+  error outside the patch: the same gradient direction, scaled by the patch fraction);
+* no post-processing of the map (their evaluation median-filters and erodes the brain
+  mask); the protocols apply the brain mask.
+* ``quick``: small UNet, T = 100 with t_start 50, internal 64 x 64, patch 24 (48 scaled
+  with the resolution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from methods.base import ConfigError, inference_field
+from methods.common.diffusion import QUICK_BACKBONE, TINY_BACKBONE, PixelDiffusionConfig, PixelDiffusionMethod
+from methods.common.simplex import simplex_noise_like
+from methods.registry import register_method
+
+
+def grid_starts(size: int, patch: int) -> list[int]:
+    """Patch start positions along one axis: 0, p, 2p, ...; the last one shifted to end at ``size``."""
+    if not 0 < patch <= size:
+        raise ValueError(f"patch size {patch} must be in 1..{size}")
+    starts = list(range(0, size - patch + 1, patch))
+    if starts[-1] + patch < size:
+        starts.append(size - patch)
+    return starts
+
+
+def patch_grid(height: int, width: int, patch: int) -> tuple[list[tuple[int, int, int, int]], torch.Tensor]:
+    """Boxes ``(y0, y1, x0, x1)`` of the grid and ownership masks ``K x H x W`` (sum to 1 per pixel)."""
+    boxes: list[tuple[int, int, int, int]] = []
+    owners = []
+    covered = torch.zeros(height, width, dtype=torch.bool)
+    for y in grid_starts(height, patch):
+        for x in grid_starts(width, patch):
+            box = torch.zeros(height, width, dtype=torch.bool)
+            box[y : y + patch, x : x + patch] = True
+            owners.append((box & ~covered).float())
+            covered |= box
+            boxes.append((y, y + patch, x, x + patch))
+    return boxes, torch.stack(owners)
+
+
+@dataclass
+class PDDPMConfig(PixelDiffusionConfig):
+    schedule: str = "cosine"
+    prediction_type: str = "sample"
+    loss: str = "l1"
+    patch_size: int = 48  # pixels at the internal resolution
+    noise: str = "gaussian"  # gaussian | simplex (the authors' MIDL config)
+    simplex_frequency: float = 64.0
+    t_start: int = inference_field(499)
+
+
+@register_method("pddpm")
+class PDDPM(PixelDiffusionMethod):
+    """Patch-wise noising and one-pass x0 restoration, stitched over a non-overlapping grid."""
+
+    Config = PDDPMConfig
+    config: PDDPMConfig
+    profiles = {
+        "paper": {},
+        "quick": {**QUICK_BACKBONE, "t_start": 50, "patch_size": 24, "simplex_frequency": 32.0},
+        "tiny": {**TINY_BACKBONE, "t_start": 5, "patch_size": 6, "simplex_frequency": 8.0},
+    }
+
+    def validate_config(self) -> None:
+        super().validate_config()
+        if self.config.noise not in ("gaussian", "simplex"):
+            raise ConfigError(f"noise must be 'gaussian' or 'simplex', got {self.config.noise!r}")
+        if self.config.prediction_type != "sample":
+            raise ConfigError("pDDPM trains an x0 predictor on the noised patch; use prediction_type='sample'")
+        h, w = self.internal_size
+        if not 0 < self.config.patch_size <= min(h, w):
+            raise ConfigError(f"patch_size={self.config.patch_size} must be in 1..{min(h, w)} (internal size {h} x {w})")
+
+    def grid(self) -> tuple[list[tuple[int, int, int, int]], torch.Tensor]:
+        h, w = self.internal_size
+        return patch_grid(h, w, int(self.config.patch_size))
+
+    def sample_noise(self, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        if self.config.noise == "simplex":
+            return simplex_noise_like(like, generator, frequency=self.config.simplex_frequency)
+        return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+
+    def training_noise(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        return self.sample_noise(x0, generator)
+
+    def training_loss(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        assert self.model is not None
+        b = x0.shape[0]
+        boxes, _ = self.grid()
+        # one grid patch per slice, as the authors' grid_boxes=True training
+        pick = torch.randint(0, len(boxes), (b,), generator=generator, device=x0.device).tolist()
+        box_mask = torch.zeros(b, 1, *x0.shape[-2:], device=x0.device, dtype=x0.dtype)
+        for i, k in enumerate(pick):
+            y0, y1, xa, xb = boxes[k]
+            box_mask[i, :, y0:y1, xa:xb] = 1.0
+        t = torch.randint(0, self.T, (b,), generator=generator, device=x0.device)
+        x_t = self.schedule.q_sample(x0, t, self.training_noise(x0, generator))
+        x_in = box_mask * x_t + (1 - box_mask) * x0  # only the patch is noised
+        out = self.model(x_in, t)
+        err = (out - x0).abs() if self.config.loss == "l1" else (out - x0) ** 2
+        weight = box_mask.expand_as(err)
+        return (err * weight).sum() / weight.sum().clamp(min=1.0)
+
+    def restore(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        t = int(self.config.t_start)
+        self.schedule.check_t(t)
+        boxes, owners = self.grid()
+        owners = owners.to(device=x.device, dtype=x.dtype)
+        x_hat = torch.zeros_like(x)
+        for k, (y0, y1, xa, xb) in enumerate(boxes):
+            box_mask = torch.zeros_like(x[:1, :1])
+            box_mask[..., y0:y1, xa:xb] = 1.0
+            x_t = self.noise_to(x, t, self.sample_noise(x, generator))
+            x_in = box_mask * x_t + (1 - box_mask) * x  # this patch noised alone, the rest clean
+            x0 = self.denoise_one_pass(x_in, t)
+            x_hat = x_hat + owners[k] * x0  # each pixel from the one patch that owns it
+        return x_hat
