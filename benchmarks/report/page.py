@@ -1,0 +1,308 @@
+"""Assemble the leaderboard: sections (protocol x data x profile), files, and leaderboard.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from . import figures, tables
+from .collect import RecordSet, error_line, job_key, records_frame
+from .published import PUBLISHED_DATA, Published, display_name, method_rank
+from .tables import Table
+
+QUICK_LABEL = "quick profile (smoke-test scale, not comparable to papers)"
+_PROFILE_ORDER = {"paper": 0, "official": 1}
+
+
+@dataclass
+class Section:
+    protocol: str
+    data: str
+    profile: str
+    frame: pd.DataFrame
+    tables: list[Table] = field(default_factory=list)
+    figures: dict[str, Path] = field(default_factory=dict)  # table slug (or "maps") -> png
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def slug(self) -> str:
+        return tables.slug(f"{self.protocol}_{self.data}_{self.profile}")
+
+    @property
+    def profile_label(self) -> str:
+        return QUICK_LABEL if self.profile == "quick" else f"{self.profile} profile"
+
+    @property
+    def title(self) -> str:
+        return f"{self.protocol} · {self.data} · {self.profile_label}"
+
+    @property
+    def published_status(self) -> str:
+        """How far the published numbers can be compared with this section's."""
+        if self.data == "embedded":
+            return "published, different data (embedded sanity set here): not comparable"
+        if self.profile == "quick":
+            return "published, full-scale training; this section is a quick smoke test: not comparable"
+        return "published by the paper; same protocol, preprocessing may differ"
+
+
+def _section_order(key: tuple[str, str, str]) -> tuple:
+    protocol, data, profile = key
+    rank = 9 if profile == "quick" else _PROFILE_ORDER.get(profile, 5)
+    return (protocol, data == "embedded", data, rank, profile)
+
+
+def build_sections(frame: pd.DataFrame, published: Published) -> list[Section]:
+    """One section per (protocol, data name, profile): profiles are never mixed."""
+    if frame.empty:
+        return []
+    sections = []
+    for key in sorted(frame.groupby(["protocol", "data", "profile"]).groups, key=_section_order):
+        part = frame[(frame["protocol"] == key[0]) & (frame["data"] == key[1]) & (frame["profile"] == key[2])]
+        section = Section(*key, frame=part.reset_index(drop=True))
+        _fill(section, published)
+        sections.append(section)
+    return sections
+
+
+def _fill(section: Section, published: Published) -> None:
+    frame, protocol, slug = section.frame, section.protocol, section.slug
+    status = section.published_status
+    built = [
+        tables.comparison_table(frame, slug, protocol, published, status),
+        *tables.ablation_tables(frame, slug, protocol, published, status),
+        tables.metrics_table(frame, slug, protocol),
+        tables.timings_table(frame, slug, protocol),
+    ]
+    section.tables = [t for t in built if t is not None]
+    fingerprints = sorted(frame["fingerprint"].unique())
+    if len(fingerprints) > 1:
+        section.notes.append(f"warning: {len(fingerprints)} different data fingerprints in this section ({', '.join(f[:12] for f in fingerprints)}); the data changed between runs")
+    modes = sorted(frame["mode"].unique())
+    if len(modes) > 1:
+        section.notes.append(f"warning: records use different metric modes ({', '.join(modes)})")
+
+
+def write_outputs(sections: list[Section], out: Path) -> list[Path]:
+    """Write CSV/LaTeX per table and the figures; return every file written."""
+    table_dir, figure_dir = out / "tables", out / "figures"
+    table_dir.mkdir(parents=True, exist_ok=True)
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    long: list[dict[str, Any]] = []
+    for section in sections:
+        for table in section.tables:
+            csv_path, tex_path = table_dir / f"{table.slug}.csv", table_dir / f"{table.slug}.tex"
+            tables.to_csv(table, csv_path)
+            tex_path.write_text(tables.to_latex(table, f"{section.title}: {table.title}"))
+            written += [csv_path, tex_path]
+            if table.kind in ("comparison", "ablation"):
+                png = figures.bar_chart(table, f"{section.title}\n{table.title}", figure_dir / f"{table.slug}.png")
+                if png is not None:
+                    section.figures[table.slug] = png
+                    written.append(png)
+        long += tables.long_values(section.tables, section.slug)
+        grid = _map_grid(section, figure_dir / f"{section.slug}_maps.png")
+        if grid is not None:
+            section.figures["maps"] = grid
+            written.append(grid)
+    long_path = table_dir / "values_long.csv"
+    pd.DataFrame(long, columns=["section", "table", "row", "method", "variant", "column", "key", "value"]).to_csv(long_path, index=False)
+    written.append(long_path)
+    return written
+
+
+def _map_grid(section: Section, path: Path) -> Path | None:
+    """Default variants, one modality (FLAIR first), lowest seed, per method."""
+    frame = section.frame[(section.frame["variant"] == "default") & section.frame["examples"].notna()]
+    if frame.empty:
+        return None
+    modality = tables.ordered_modalities(frame["modality"])[0]
+    frame = frame[frame["modality"] == modality]
+    entries = []
+    for method in sorted(frame["method"].unique(), key=method_rank):
+        rec = frame[frame["method"] == method].sort_values("seed").iloc[0]
+        entries.append(figures.MapEntry(display_name(method), Path(rec["examples"]), modality))
+    seed_note = "lowest seed per method"
+    return figures.map_grid(entries, f"{section.title} — {modality}, {seed_note}", path)
+
+
+def remove_stale(out: Path, keep: list[Path]) -> list[Path]:
+    """Delete leaderboard outputs of earlier builds that this build did not write again."""
+    keep_set = {p.resolve() for p in keep}
+    removed = []
+    for folder, patterns in ((out / "tables", ("*.csv", "*.tex")), (out / "figures", ("*.png",))):
+        for pattern in patterns:
+            for path in sorted(folder.glob(pattern)):
+                if path.resolve() not in keep_set:
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def render_markdown(sections: list[Section], records: RecordSet, published: Published, out: Path, runs: list[Path]) -> str:
+    n_ok, n_failed = sum(len(s.frame) for s in sections), len(records.failed)
+    where = ", ".join(f"`{_display_path(d)}`" for d in runs) or "(none)"
+    lines = [
+        "# uad-bench leaderboard",
+        "",
+        f"Generated by `python -m benchmarks.leaderboard` from the stored result records alone: "
+        f"{n_ok} finished and {n_failed} failed job record(s) under {where}. Do not edit by hand; rerun the command.",
+        "",
+    ]
+    if not sections:
+        lines += ["**No finished result records were found**, so there are no tables of ours yet. "
+                  "Run e.g. `python -m benchmarks.run --protocol S2 --methods ae` first. The published numbers are listed below.", ""]
+        if records.missing_dirs:
+            lines += [f"Runs folder(s) not found: {', '.join(f'`{_display_path(d)}`' for d in records.missing_dirs)}.", ""]
+    else:
+        lines += _how_to_read() + _contents(sections, records)
+        for section in sections:
+            lines += _section_markdown(section, out)
+    lines += _problems(records, published)
+    lines += _failed_markdown(records)
+    lines += _published_reference(published)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _how_to_read() -> list[str]:
+    return [
+        "**How to read.** Metric values are x 100 (Max Dice in %). A cell is `mean ± std` over seeds "
+        "(sample std; a single seed shows the mean alone, and `(n=k)` marks a cell with fewer seeds than its row). "
+        "The best mean of each column is bold. Sections never mix profiles, data sets or protocols; "
+        f"{QUICK_LABEL} sections are smoke tests. S2's `average` is, per seed, the mean over all modalities of the "
+        "section, then mean ± std over seeds (a seed missing a modality has no average).",
+        "",
+        f"**Paired test.** {tables.TEST_NAME}.",
+        "",
+        "**Published numbers** (results/published.csv, from the MAD-AD paper) appear below each table in their own block, "
+        "with how far they compare: on the embedded sanity data they are *different data* and not comparable.",
+        "",
+    ]
+
+
+def _contents(sections: list[Section], records: RecordSet) -> list[str]:
+    lines = ["## Contents", ""]
+    lines += [f"- [{s.title}](#{s.slug}) — {len(s.frame)} job(s), methods: {', '.join(display_name(m) for m in sorted(s.frame['method'].unique(), key=method_rank))}" for s in sections]
+    if records.failed:
+        lines.append(f"- [Failed jobs](#failed-jobs) — {len(records.failed)}")
+    lines += ["- [Published numbers (reference)](#published-numbers)", ""]
+    return lines
+
+
+def _section_markdown(section: Section, out: Path) -> list[str]:
+    frame = section.frame
+    seeds = sorted(pd.to_numeric(frame["seed"], errors="coerce").dropna().astype(int).unique().tolist())
+    lines = [f'<a id="{section.slug}"></a>', "", f"## {section.title}", ""]
+    if section.profile == "quick":
+        lines += [f"> **{QUICK_LABEL}.** Tiny models and few steps, for checking the pipeline; these numbers say nothing about the methods.", ""]
+    lines += [
+        f"- data `{section.data}`: fingerprint(s) {', '.join(f'`{f[:12]}`' for f in sorted(frame['fingerprint'].unique()))}; "
+        f"modalities {', '.join(tables.ordered_modalities(frame['modality']))}; seeds {', '.join(map(str, seeds))}; {len(frame)} job(s)",
+        f"- protocol: {_protocol_summary(frame)}",
+    ]
+    lines += [f"- {note}" for note in section.notes]
+    lines.append("")
+    for table in section.tables:
+        lines += [f"### {table.title}", "", tables.to_markdown(table), ""]
+        files = f"[CSV](tables/{table.slug}.csv) · [LaTeX](tables/{table.slug}.tex)"
+        lines += [f"Files: {files}", ""]
+        png = section.figures.get(table.slug)
+        if png is not None:
+            lines += [f"![{table.title}]({_relative(png, out)})", ""]
+    grid = section.figures.get("maps")
+    if grid is not None:
+        lines += ["### Anomaly maps", "", f"![anomaly maps]({_relative(grid, out)})", ""]
+    return lines
+
+
+def _protocol_summary(frame: pd.DataFrame) -> str:
+    """The scalar protocol parameters every record of the section agrees on (others: 'varies')."""
+    params: dict[str, set[str]] = {}
+    for item in frame["protocol_params"]:
+        for key, value in (item or {}).items():
+            if key != "name" and not isinstance(value, (dict, list)):
+                params.setdefault(key, set()).add(str(value))
+    if not params:
+        return "(no parameters recorded)"
+    return "; ".join(f"{k} = `{next(iter(v))}`" if len(v) == 1 else f"{k} = varies" for k, v in sorted(params.items()))
+
+
+def _failed_markdown(records: RecordSet) -> list[str]:
+    if not records.failed:
+        return []
+    rows = []
+    for record in records.failed:
+        key = job_key(record)
+        rows.append([key["protocol"], key["data"], key["profile"], display_name(key["method"]), key["variant"], key["modality"], str(key["seed"]), error_line(record)])
+    return ['<a id="failed-jobs"></a>', "", "## Failed jobs", "", f"{len(rows)} job(s) failed; rerun them with the same `benchmarks.run` command (finished jobs are skipped).", "",
+            tables.markdown_table(["protocol", "data", "profile", "method", "variant", "modality", "seed", "error"], rows, ["l"] * 8), ""]
+
+
+def _problems(records: RecordSet, published: Published) -> list[str]:
+    notes = [*published.problems]
+    if records.unreadable:
+        notes.append(f"{len(records.unreadable)} unreadable JSON file(s) skipped: " + ", ".join(f"`{_display_path(p)}`" for p in records.unreadable[:5]))
+    if records.duplicates:
+        notes.append(f"{len(records.duplicates)} older duplicate record(s) of the same job ignored (the newest wins)")
+    return (["## Notes", "", *[f"- {n}" for n in notes], ""]) if notes else []
+
+
+def _published_reference(published: Published) -> list[str]:
+    lines = ['<a id="published-numbers"></a>', "", "## Published numbers (reference)", ""]
+    if not len(published):
+        return lines + ["No published numbers available.", ""]
+    frame = published.frame
+    lines += [f"From `{_display_path(published.path) if published.path else 'published.csv'}` (in %, as printed in the papers; not produced by this suite).", ""]
+    for (source, number, protocol), part in frame.groupby(["source", "table", "protocol"], sort=True):
+        caption = str(part["note"].iloc[0])
+        if protocol == "S1":
+            columns = [c for c in ("average", "small", "medium", "large") if c in part["column"].values]
+        else:
+            columns = [c for c in (*tables.MODALITY_ORDER, "average") if c in part["column"].values]
+        columns += [c for c in dict.fromkeys(part["column"]) if c not in columns]
+        rows = []
+        for method in dict.fromkeys(part["method"]):
+            sub = part[part["method"] == method]
+            values = dict(zip(sub["column"], sub["max_dice"]))
+            extra = sorted({n for n in sub["note"] if n and n != caption})
+            rows.append([str(method), *[tables._fmt(values.get(c), 1) for c in columns], "; ".join(extra)])
+        lines += [f"**{source}, Table {number} ({protocol}, {PUBLISHED_DATA.get(protocol, '')})** — {caption}", "",
+                  tables.markdown_table(["method", *columns, "note"], rows), ""]
+    return lines
+
+
+def _relative(path: Path, out: Path) -> str:
+    try:
+        return path.resolve().relative_to(out.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+def build(records: RecordSet, published: Published, out: Path, runs: list[Path]) -> tuple[list[Section], list[Path]]:
+    """Everything: sections, CSV/LaTeX/figures, leaderboard.md; returns sections and files written."""
+    frame = records_frame(records.ok)
+    sections = build_sections(frame, published)
+    out.mkdir(parents=True, exist_ok=True)
+    written = write_outputs(sections, out)
+    page = out / "leaderboard.md"
+    page.write_text(render_markdown(sections, records, published, out, runs))
+    written.append(page)
+    remove_stale(out, written)
+    return sections, written
+
+
+__all__ = ["Section", "build", "build_sections", "render_markdown"]
