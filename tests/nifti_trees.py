@@ -30,8 +30,11 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray = MNI_AFFINE) -
 
 def ellipsoid(shape: Sequence[int], frac: Sequence[float] = (0.8, 0.8, 1.3)) -> np.ndarray:
     """Boolean ellipsoid with semi-axes ``frac`` (fractions of each half-axis): the 'brain'."""
-    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    return sum((g / f) ** 2 for g, f in zip(grids, frac)) <= 1.0
+    total = np.zeros(tuple(shape), dtype=np.float32)
+    for axis, (n, f) in enumerate(zip(shape, frac)):
+        g = np.linspace(-1, 1, n, dtype=np.float32) / f
+        total += (g**2).reshape([n if a == axis else 1 for a in range(len(shape))])
+    return total <= 1.0
 
 
 def head(shape: Sequence[int], seed: int, base: float = 100.0) -> np.ndarray:
