@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,17 +46,21 @@ def bar_chart(table: Table, title: str, path: Path) -> Path | None:
         ax.set_xlabel("")
         ax.set_ylabel("Max Dice (%)")
         ax.set_ylim(0, max(100.0, float(long["value"].max()) * 1.05))
-        ax.set_title(title, fontsize=10)
+        ax.set_title(_wrap(title, int(width * 9)), fontsize=10)
         handles, labels = ax.get_legend_handles_labels()
         if marked:
             handles.append(ax.scatter([], [], marker="D", facecolors="none", edgecolors="black", s=26))
-            labels.append(table.published_caption + f"\n({table.published_status})")
+            labels.append(table.published_caption.replace(" (", "\n(") + f"\n{table.published_short}")
         ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110, metadata=_PNG_METADATA)
         plt.close(fig)
     return path
+
+
+def _wrap(title: str, width: int) -> str:
+    return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
 
 
 class _Empty:
@@ -70,11 +75,9 @@ def _mark_published(ax, table: Table, hue_order: list[str]) -> bool:
     """Draw the published value on top of the matching bar; True if any was drawn."""
     rows = {r.label: r for r in table.rows}
     drawn = False
-    for container in ax.containers:
-        label = container.get_label()
-        row = rows.get(label)
-        if row is None or not hasattr(container, "patches"):
-            continue
+    bars = [c for c in ax.containers if hasattr(c, "patches")]
+    for container, label in zip(bars, hue_order):  # seaborn adds one container per hue level, in order
+        row = rows[label]
         for patch in container.patches:
             if math.isnan(patch.get_height()):
                 continue
@@ -115,15 +118,19 @@ def map_grid(entries: list[MapEntry], title: str, path: Path, n_slices: int = 2)
                 ax = axes[r, s * len(panels) + p]
                 _draw_panel(ax, panel, arrays, k)
                 if r == 0:
-                    ax.set_title(f"slice {s + 1}: {panel}", fontsize=8)
+                    ax.set_title(f"{_slice_name(key, s, shared)}: {panel}", fontsize=8)
         axes[r, 0].set_ylabel(entry.label, fontsize=9)
     note = "" if shared else " (slices differ between methods)"
-    fig.suptitle(f"{title}{note}\nmaps scaled per panel to [0, 99th percentile]; cyan: lesion outline", fontsize=9)
+    fig.suptitle(_wrap(f"{title}{note}", int(n_cols * 20)) + "\nmaps scaled per panel to [0, 99.9th percentile in the brain]; cyan: lesion outline", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, metadata=_PNG_METADATA)
     plt.close(fig)
     return path
+
+
+def _slice_name(key: object, s: int, shared: bool) -> str:
+    return f"test #{key}" if shared and isinstance(key, (int, np.integer)) else f"slice {s + 1}"
 
 
 def _load(path: Path) -> dict[str, np.ndarray] | None:
@@ -180,10 +187,14 @@ def _draw_panel(ax, panel: str, arrays: dict[str, np.ndarray], k: int) -> None:
         ax.imshow(_channel(arrays["reconstruction"][k]), cmap="gray", vmin=lo, vmax=hi)
     elif panel == "anomaly map":
         amap = np.asarray(arrays["map"][k], dtype=np.float64)
-        top = float(np.percentile(amap, 99)) if np.isfinite(amap).all() else 1.0
+        brain = arrays.get("brain_mask")
+        inside = amap[brain[k] > 0] if brain is not None and brain[k].any() else amap.ravel()
+        # 99.9th percentile inside the brain: one hot pixel does not wash out the map,
+        # while a small lesion (often < 1 % of the brain) still sets the top of the scale.
+        top = float(np.percentile(inside, 99.9)) if np.isfinite(inside).all() else 1.0
         ax.imshow(amap, cmap="inferno", vmin=min(0.0, float(amap.min())), vmax=top if top > 0 else 1.0)
         if mask.any():
-            ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.6)
+            ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.5)
     else:
         ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
         overlay = np.zeros(mask.shape + (4,))

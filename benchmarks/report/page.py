@@ -40,13 +40,20 @@ class Section:
         return f"{self.protocol} · {self.data} · {self.profile_label}"
 
     @property
+    def published_short(self) -> str:
+        """The same, short enough for a figure legend."""
+        if self.data == "embedded":
+            return "different data, not comparable"
+        return "quick run here, not comparable" if self.profile == "quick" else "same protocol"
+
+    @property
     def published_status(self) -> str:
         """How far the published numbers can be compared with this section's."""
         if self.data == "embedded":
-            return "published, different data (embedded sanity set here): not comparable"
+            return "different data (the embedded sanity set is used here): not comparable"
         if self.profile == "quick":
-            return "published, full-scale training; this section is a quick smoke test: not comparable"
-        return "published by the paper; same protocol, preprocessing may differ"
+            return "full-scale training in the paper, a quick smoke test here: not comparable"
+        return "as printed in the paper; same protocol, preprocessing may differ"
 
 
 def _section_order(key: tuple[str, str, str]) -> tuple:
@@ -70,10 +77,10 @@ def build_sections(frame: pd.DataFrame, published: Published) -> list[Section]:
 
 def _fill(section: Section, published: Published) -> None:
     frame, protocol, slug = section.frame, section.protocol, section.slug
-    status = section.published_status
+    status = (section.published_status, section.published_short)
     built = [
-        tables.comparison_table(frame, slug, protocol, published, status),
-        *tables.ablation_tables(frame, slug, protocol, published, status),
+        tables.comparison_table(frame, slug, protocol, published, *status),
+        *tables.ablation_tables(frame, slug, protocol, published, *status),
         tables.metrics_table(frame, slug, protocol),
         tables.timings_table(frame, slug, protocol),
     ]
@@ -274,7 +281,7 @@ def _published_reference(published: Published) -> list[str]:
             extra = sorted({n for n in sub["note"] if n and n != caption})
             rows.append([str(method), *[tables._fmt(values.get(c), 1) for c in columns], "; ".join(extra)])
         lines += [f"**{source}, Table {number} ({protocol}, {PUBLISHED_DATA.get(protocol, '')})** — {caption}", "",
-                  tables.markdown_table(["method", *columns, "note"], rows), ""]
+                  tables.markdown_table(["method", *columns, "note"], rows, ["l"] + ["r"] * len(columns) + ["l"]), ""]
     return lines
 
 

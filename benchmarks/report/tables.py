@@ -90,9 +90,12 @@ class Row:
     extra: dict[str, str] = field(default_factory=dict)  # text columns (timings: device, jobs)
     test: TestResult | None = None
     best: bool = False
+    count: int | None = None  # overrides the seed count (timings count jobs)
 
     @property
     def n_seeds(self) -> int:
+        if self.count is not None:
+            return self.count
         return max((c.n for c in self.cells.values()), default=0)
 
 
@@ -110,12 +113,13 @@ class Table:
     spread: str = "seeds"
     published_caption: str | None = None  # None: the table has no published block
     published_status: str = ""
+    published_short: str = ""  # for figure legends
     extra_columns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def has_tests(self) -> bool:
-        return any(r.test is not None or r.best for r in self.rows)
+        return len(self.rows) > 1 and any(r.test is not None or r.best for r in self.rows)
 
     @property
     def has_published(self) -> bool:
@@ -137,7 +141,7 @@ def ordered_modalities(values: pd.Series | list[str]) -> list[str]:
     return known + [m for m in present if m not in known]
 
 
-def comparison_table(frame: pd.DataFrame, section: str, protocol: str, published: Published, status: str) -> Table | None:
+def comparison_table(frame: pd.DataFrame, section: str, protocol: str, published: Published, status: str, short: str = "") -> Table | None:
     """Table 1 (S1) or Table 2 (S2) layout over the default variants."""
     base = frame[frame["variant"] == "default"]
     if base.empty:
@@ -155,6 +159,7 @@ def comparison_table(frame: pd.DataFrame, section: str, protocol: str, published
         headline="average",
         published_caption=published.caption(protocol),
         published_status=status,
+        published_short=short or status,
     )
     for method in sorted(base["method"].unique(), key=method_rank):
         table.rows.extend(_score_rows(base[base["method"] == method], protocol, frame, published))
@@ -162,7 +167,7 @@ def comparison_table(frame: pd.DataFrame, section: str, protocol: str, published
     return table
 
 
-def ablation_tables(frame: pd.DataFrame, section: str, protocol: str, published: Published, status: str) -> list[Table]:
+def ablation_tables(frame: pd.DataFrame, section: str, protocol: str, published: Published, status: str, short: str = "") -> list[Table]:
     """Tables 3/4 layout: one table per method that has variants besides the default."""
     tables = []
     for method in sorted(frame["method"].unique(), key=method_rank):
@@ -180,6 +185,7 @@ def ablation_tables(frame: pd.DataFrame, section: str, protocol: str, published:
             headline="average",
             published_caption=published.caption(protocol),
             published_status=status,
+            published_short=short or status,
         )
         variants = sorted(subset["variant"].unique(), key=lambda v: (v != "default", v))
         for variant in variants:
@@ -346,7 +352,7 @@ def timings_table(frame: pd.DataFrame, section: str, protocol: str) -> Table:
         columns=["fit s", "score s", "slices/s"],
         rows=[],
         spread="jobs",
-        extra_columns=["jobs", "device"],
+        extra_columns=["reused ckpt", "device"],
     )
     for (method, variant), part in sorted(frame.groupby(["method", "variant"]), key=lambda kv: (method_rank(kv[0][0]), kv[0][1] != "default", kv[0][1])):
         row = Row(row_label(method, variant), method, variant)
@@ -356,7 +362,8 @@ def timings_table(frame: pd.DataFrame, section: str, protocol: str) -> Table:
             if keep is not None and len(values):
                 values = values[keep]
             row.cells[column] = Cell({i: float(v) for i, v in values.dropna().items()})
-        row.extra = {"jobs": f"{len(part)} ({int(reused.sum())} reused)", "device": ", ".join(sorted(part["device"].unique()))}
+        row.count = len(part)
+        row.extra = {"reused ckpt": str(int(reused.sum())), "device": ", ".join(sorted(part["device"].unique()))}
         table.rows.append(row)
     return table
 
@@ -425,7 +432,8 @@ def to_markdown(table: Table) -> str:
 
 
 def _published_markdown(table: Table) -> str:
-    title = f"**{table.published_caption.capitalize()} — {table.published_status}**"
+    caption = table.published_caption[:1].upper() + table.published_caption[1:]
+    title = f"**{caption} — {table.published_status}**"
     rows = [r for r in table.rows if r.published]
     if not rows:
         return f"{title}: the papers report no numbers for these rows."
@@ -474,13 +482,14 @@ def latex_escape(text: str) -> str:
 def to_latex(table: Table, caption: str) -> str:
     """A booktabs table; the published numbers form their own column group on the right."""
     pub = table.published_caption is not None and table.has_published
-    ours = len(table.columns) + 1 + len(table.extra_columns) + (1 if table.has_tests else 0)
-    spec = "l" + "c" * (ours - 1) + ("c" * len(table.columns) if pub else "")
-    head1 = [""] + [rf"\multicolumn{{{ours - 1}}}{{c}}{{ours (mean $\pm$ std over {table.spread})}}"]
-    rules = [rf"\cmidrule(lr){{2-{ours}}}"]
+    ours = len(table.columns) + 1 + len(table.extra_columns) + (1 if table.has_tests else 0)  # after the label
+    spec = "l" + "c" * ours + ("c" * len(table.columns) if pub else "")
+    head1 = [""] + [rf"\multicolumn{{{ours}}}{{c}}{{ours (mean $\pm$ std over {table.spread})}}"]
+    rules = [rf"\cmidrule(lr){{2-{ours + 1}}}"]
     if pub:
-        head1.append(rf"\multicolumn{{{len(table.columns)}}}{{c}}{{{latex_escape(table.published_caption + ' — ' + table.published_status)}}}")
-        rules.append(rf"\cmidrule(lr){{{ours + 1}-{ours + len(table.columns)}}}")
+        head1.append(rf"\multicolumn{{{len(table.columns)}}}{{c}}{{{latex_escape(table.published_caption)}}}")
+        caption += f". Published numbers: {table.published_status}"
+        rules.append(rf"\cmidrule(lr){{{ours + 2}-{ours + 1 + len(table.columns)}}}")
     head2 = [table.row_header, *table.columns, table.spread, *table.extra_columns] + (["$p$ vs best"] if table.has_tests else [])
     head2 = [latex_escape(h) if not h.startswith("$") else h for h in head2] + ([latex_escape(c) for c in table.columns] if pub else [])
     lines = [
