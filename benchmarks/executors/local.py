@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
-
-from tqdm.auto import tqdm
 
 from benchmarks.execute import RunContext, run_group
 from benchmarks.jobs import Job, group_jobs
+from benchmarks.plugins import load_plugins
+from benchmarks.progress import JobProgress
+from benchmarks.records import is_finished
 
 
 def run_local(jobs: list[Job], ctx: RunContext, **_: Any) -> list[dict[str, Any]]:
+    load_plugins()
+    out = Path(ctx.out)
     records: list[dict[str, Any]] = []
-    groups = group_jobs(jobs)
-    with tqdm(total=len(jobs), desc="jobs", unit="job", disable=not ctx.progress) as bar:
-        for group in groups:
-            bar.set_postfix_str(f"{group[0].method} {group[0].modality} seed{group[0].seed}")
+    finished = {job for job in jobs if is_finished(job.record_path(out))}
+    # The methods draw their own training/scoring bars, so the status line is printed
+    # once per group rather than redrawn in place over them.
+    progress = JobProgress(len(jobs), skipped=len(finished), enabled=ctx.progress, inplace=False)
+    with progress:
+        for group in group_jobs(jobs):
+            pending = [job for job in group if job not in finished]
+            progress.running = len(pending)
             records.extend(run_group(group, ctx))
-            bar.update(len(group))
+            ok = sum(is_finished(job.record_path(out)) for job in pending)
+            progress.running = 0
+            progress.advance(ok=ok, failed=len(pending) - ok)
     return records
