@@ -93,17 +93,25 @@ def _to_canvas(volume: np.ndarray) -> np.ndarray:
     return np.pad(zyx, ((0, 0), (pad_r // 2, pad_r - pad_r // 2), (pad_c // 2, pad_c - pad_c // 2)))
 
 
+def z_window() -> tuple[int, int]:
+    """Template z slices [lo, hi) that slices can touch: ``Z_RANGE`` plus the tilt margin."""
+    return max(0, int(np.floor(Z_RANGE[0])) - Z_MARGIN), int(np.ceil(Z_RANGE[1])) + Z_MARGIN + 1
+
+
 @lru_cache(maxsize=1)
 def raw_volumes() -> dict[str, np.ndarray]:
-    """The three template volumes on the square canvas, float32 in [0, 1] (read-only)."""
+    """The three template volumes over ``z_window()`` on the square canvas, float32 in [0, 1]."""
     import nibabel as nib
 
+    z_lo, z_hi = z_window()
     out = {}
     for key, path in template_paths().items():
         img = nib.load(str(path))
-        data = np.asarray(img.dataobj, dtype=np.float32) / 255.0  # stored as uint8 0..255
-        if data.ndim != 3 or not np.isfinite(data).all():
-            raise TemplateNotFoundError(f"{path}: expected a finite 3-D volume, got shape {data.shape}")
+        if len(img.shape) != 3 or img.shape[2] < z_hi:
+            raise TemplateNotFoundError(f"{path}: expected a 3-D volume with >= {z_hi} axial slices, got {img.shape}")
+        data = np.asarray(img.dataobj[:, :, z_lo:z_hi], dtype=np.float32) / 255.0  # stored as uint8 0..255
+        if not np.isfinite(data).all():
+            raise TemplateNotFoundError(f"{path}: non-finite values")
         out[key] = _to_canvas(data)
         out[key].setflags(write=False)
     shapes = {v.shape for v in out.values()}
@@ -144,7 +152,7 @@ def t1_residual(t1: np.ndarray, maps: dict[str, np.ndarray], stride: int = 7) ->
     inside = np.flatnonzero(maps["brain"].ravel() > 0)[::stride]
     design = np.stack([maps[k].ravel()[inside] for k in ("gm", "wm", "csf")], axis=1).astype(np.float64)
     coef, *_ = np.linalg.lstsq(design, t1.ravel()[inside].astype(np.float64), rcond=None)
-    fitted = sum(c * maps[k] for c, k in zip(coef, ("gm", "wm", "csf")))
+    fitted = sum(float(c) * maps[k] for c, k in zip(coef, ("gm", "wm", "csf")))
     return ((t1 - fitted) * maps["brain"]).astype(np.float32)
 
 
@@ -158,33 +166,46 @@ def pial_map(maps: dict[str, np.ndarray], depth_mm: float = 4.0) -> np.ndarray:
     return (maps["csf"] * np.exp(-depth / depth_mm)).astype(np.float32)
 
 
+CROP_MARGIN_MM = 6
+
+
 @lru_cache(maxsize=1)
-def base_stack() -> tuple[np.ndarray, int]:
-    """All channels at 1 mm over ``Z_RANGE`` + margin, and the template z of stack slice 0."""
+def base_stack() -> tuple[np.ndarray, int, tuple[int, int]]:
+    """All channels at 1 mm over ``z_window()``, cropped in-plane to the brain + a margin.
+
+    Returns the stack, the template z of stack slice 0 and the canvas (row, col) in mm of
+    stack pixel (0, 0). Everything outside the crop is 0 in every channel, so sampling
+    with a zero fill value outside the stack is exact, and the stack takes ~45 % less memory.
+    """
     vols = raw_volumes()
-    z_lo = max(0, int(np.floor(Z_RANGE[0])) - Z_MARGIN)
-    z_hi = min(vols["t1"].shape[0], int(np.ceil(Z_RANGE[1])) + Z_MARGIN + 1)
-    t1, gm, wm = (vols[k][z_lo:z_hi] for k in ("t1", "gm", "wm"))
+    z_lo, _ = z_window()
+    t1, gm, wm = (vols[k] for k in ("t1", "gm", "wm"))
     maps = tissue_maps(t1, gm, wm)
     t1 = t1 * maps["brain"]
     channels = {"t1": t1, **maps, "t1_residual": t1_residual(t1, maps), "pial": pial_map(maps)}
-    stack = np.stack([channels[name] for name in CHANNELS]).astype(np.float32)
+    inside = maps["brain"].any(axis=0)
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    r0, c0 = max(0, rows[0] - CROP_MARGIN_MM), max(0, cols[0] - CROP_MARGIN_MM)
+    r1, c1 = rows[-1] + CROP_MARGIN_MM + 1, cols[-1] + CROP_MARGIN_MM + 1
+    stack = np.stack([channels[name][:, r0:r1, c0:c1] for name in CHANNELS]).astype(np.float32)
     stack.setflags(write=False)
-    return stack, z_lo
+    return stack, z_lo, (int(r0), int(c0))
 
 
 @dataclass(frozen=True)
 class Anatomy:
     """Prefiltered channel stack ready for slice sampling.
 
-    ``stack`` is C x Z x N x N (channels ``CHANNELS``); stack index 0 along Z is template
-    slice ``z_offset``. ``canvas`` is the side of the padded square in mm; in-plane the
-    stack has ``spacing`` mm per pixel (> 1 when it was pooled for a coarse resolution).
+    ``stack`` is C x Z x H x W (channels ``CHANNELS``); stack index 0 along Z is template
+    slice ``z_offset``. ``canvas`` is the side of the padded square in mm, ``origin`` the
+    canvas (row, col) in mm where the stack's first pixel starts, and ``spacing`` the mm
+    per stack pixel in-plane (> 1 when it was pooled for a coarse resolution).
     """
 
     stack: np.ndarray
     z_offset: int
     canvas: int
+    origin: tuple[int, int]
     spacing: int
     resolution: int
 
@@ -199,11 +220,11 @@ def antialias_sigma(canvas: int, resolution: int) -> float:
 
 def block_mean(stack: np.ndarray, factor: int) -> np.ndarray:
     """Average in-plane blocks of ``factor`` x ``factor`` (zero-padding the far edges)."""
-    c, z, n, _ = stack.shape
-    side = -(-n // factor) * factor
-    padded = np.zeros((c, z, side, side), np.float32)
-    padded[..., :n, :n] = stack
-    return padded.reshape(c, z, side // factor, factor, side // factor, factor).mean(axis=(3, 5))
+    c, z, h, w = stack.shape
+    hp, wp = -(-h // factor) * factor, -(-w // factor) * factor
+    padded = np.zeros((c, z, hp, wp), np.float32)
+    padded[..., :h, :w] = stack
+    return padded.reshape(c, z, hp // factor, factor, wp // factor, factor).mean(axis=(3, 5))
 
 
 @lru_cache(maxsize=2)
@@ -214,8 +235,8 @@ def load_anatomy(resolution: int) -> Anatomy:
     every slice stays one cheap trilinear lookup. For coarse resolutions the stack is
     first block-averaged (itself a low-pass), which makes small test builds fast.
     """
-    stack, z_lo = base_stack()
-    canvas = int(stack.shape[-1])
+    stack, z_lo, origin = base_stack()
+    canvas = int(raw_volumes()["t1"].shape[-1])
     sigma = antialias_sigma(canvas, resolution)
     factor = max(1, int(canvas / resolution // 2))
     if factor > 1:
@@ -226,4 +247,4 @@ def load_anatomy(resolution: int) -> Anatomy:
         stack = ndi.gaussian_filter(stack, (0, 0, sigma, sigma), truncate=3.0)
     stack = np.ascontiguousarray(stack, dtype=np.float32)
     stack.setflags(write=False)
-    return Anatomy(stack=stack, z_offset=z_lo, canvas=canvas, spacing=factor, resolution=resolution)
+    return Anatomy(stack=stack, z_offset=z_lo, canvas=canvas, origin=origin, spacing=factor, resolution=resolution)

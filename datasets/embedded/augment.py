@@ -75,12 +75,14 @@ def sample_coordinates(rng: np.random.Generator, anatomy: Anatomy, z: float, cfg
 def sample_channels(anatomy: Anatomy, coords: np.ndarray) -> dict[str, np.ndarray]:
     """Trilinear lookup of every anatomy channel at ``coords`` (zero outside the stack).
 
-    ``coords`` are (z index, row mm, col mm); in-plane mm become pooled-pixel indices
-    (a pooled pixel ``i`` covers mm ``[i f, (i + 1) f)``, centred at ``i f + (f - 1) / 2``).
+    ``coords`` are (z index, row mm, col mm) on the canvas; in-plane mm become stack
+    indices: subtract the crop origin, then a pooled pixel ``i`` covers mm
+    ``[i f, (i + 1) f)`` and is centred at ``i f + (f - 1) / 2``.
     """
     f = anatomy.spacing
-    if f > 1:
-        coords = np.concatenate([coords[:1], (coords[1:] - (f - 1) / 2.0) / f])
+    rows = (coords[1] - anatomy.origin[0] - (f - 1) / 2.0) / f
+    cols = (coords[2] - anatomy.origin[1] - (f - 1) / 2.0) / f
+    coords = np.stack([coords[0], rows, cols])
     return {
         name: ndi.map_coordinates(anatomy.stack[i], coords, order=1, mode="constant", cval=0.0, prefilter=False)
         for i, name in enumerate(CHANNELS)
