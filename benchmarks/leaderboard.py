@@ -19,15 +19,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.leaderboard", description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=Path, nargs="+", action="extend", help="run folder(s) searched recursively for *.json records (default: results/runs)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="output folder (default: results)")
-    parser.add_argument("--published", type=Path, default=Path("results/published.csv"), help="published numbers CSV (default: results/published.csv)")
+    parser.add_argument("--published", type=Path, default=None, help="published numbers CSV (default: results/published.csv here, else the one in the repository)")
     return parser.parse_args(argv)
+
+
+def default_published() -> Path:
+    """results/published.csv of the working folder, else the repository's copy (run from elsewhere)."""
+    local = Path("results/published.csv")
+    repo = Path(__file__).resolve().parent.parent / "results" / "published.csv"
+    return local if local.is_file() or not repo.is_file() else repo
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     runs = args.runs or [Path("results/runs")]
     records = load_records(runs)
-    published = load_published(args.published)
+    published = load_published(args.published or default_published())
     sections, written = build(records, published, args.out, runs)
     for problem in published.problems:
         print(f"warning: {problem}", file=sys.stderr)

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .tables import Table
+from .tables import Cell, Table
+
+_NONE = Cell()  # stands in for a missing cell
 
 _PNG_METADATA = {"Software": None}  # keep PNG bytes independent of the matplotlib version
 
@@ -27,14 +29,14 @@ def _pyplot():
 def bar_chart(table: Table, title: str, path: Path) -> Path | None:
     """Bars = mean over seeds per (column, row), error bars = std over seeds; published as ◇."""
     long = pd.DataFrame(
-        [{"column": c, "row": r.label, "value": v} for r in table.rows for c in table.columns for v in r.cells.get(c, _EMPTY).values.values()]
+        [{"column": c, "row": r.label, "value": v} for r in table.rows for c in table.columns for v in r.cells.get(c, _NONE).values.values()]
     )
     if long.empty:
         return None
     import seaborn as sns
 
     plt = _pyplot()
-    hue_order = [r.label for r in table.rows if any(r.cells.get(c, _EMPTY).n for c in table.columns)]
+    hue_order = [r.label for r in table.rows if any(r.cells.get(c, _NONE).n for c in table.columns)]
     width = max(6.0, 1.6 + len(table.columns) * (0.9 + 0.22 * len(hue_order)))
     with sns.axes_style("whitegrid"):
         fig, ax = plt.subplots(figsize=(width, 4.0))
@@ -61,14 +63,6 @@ def bar_chart(table: Table, title: str, path: Path) -> Path | None:
 
 def _wrap(title: str, width: int) -> str:
     return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
-
-
-class _Empty:
-    values: dict = {}
-    n = 0
-
-
-_EMPTY = _Empty()
 
 
 def _mark_published(ax, table: Table, hue_order: list[str]) -> bool:

@@ -212,9 +212,9 @@ def _section_markdown(section: Section, out: Path) -> list[str]:
     lines += [
         f"- data `{section.data}`: fingerprint(s) {', '.join(f'`{f[:12]}`' for f in sorted(frame['fingerprint'].unique()))}; "
         f"modalities {', '.join(tables.ordered_modalities(frame['modality']))}; seeds {', '.join(map(str, seeds))}; {len(frame)} job(s)",
-        f"- protocol: {_protocol_summary(frame)}",
     ]
     lines += [f"- {note}" for note in section.notes]
+    lines += _protocol_markdown(frame)
     lines.append("")
     for table in section.tables:
         lines += [f"### {table.title}", "", tables.to_markdown(table), ""]
@@ -229,16 +229,27 @@ def _section_markdown(section: Section, out: Path) -> list[str]:
     return lines
 
 
-def _protocol_summary(frame: pd.DataFrame) -> str:
-    """The scalar protocol parameters every record of the section agrees on (others: 'varies')."""
+def _protocol_params(frame: pd.DataFrame) -> dict[str, str]:
+    """The protocol parameters of the section's records ('varies' where they disagree)."""
     params: dict[str, set[str]] = {}
     for item in frame["protocol_params"]:
         for key, value in (item or {}).items():
-            if key != "name" and not isinstance(value, (dict, list)):
-                params.setdefault(key, set()).add(str(value))
+            if key == "name":
+                continue
+            text = " x ".join(map(str, value)) if isinstance(value, list) else str(value)
+            params.setdefault(key, set()).add(text)
+    return {k: (next(iter(v)) if len(v) == 1 else "varies between records") for k, v in sorted(params.items())}
+
+
+def _protocol_markdown(frame: pd.DataFrame) -> list[str]:
+    params = _protocol_params(frame)
     if not params:
-        return "(no parameters recorded)"
-    return "; ".join(f"{k} = `{next(iter(v))}`" if len(v) == 1 else f"{k} = varies" for k, v in sorted(params.items()))
+        return ["- protocol: (no parameters recorded)"]
+    short = "; ".join(f"{k} = `{v}`" for k, v in params.items() if len(v) <= 40)
+    lines = [f"- protocol: {short}"]
+    lines += ["", "<details><summary>all protocol parameters</summary>", ""]
+    lines += [f"- **{k}**: {v}" for k, v in params.items()]
+    return lines + ["", "</details>"]
 
 
 def _failed_markdown(records: RecordSet) -> list[str]:

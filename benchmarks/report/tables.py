@@ -109,7 +109,7 @@ class Table:
     columns: list[str]
     rows: list[Row]
     headline: str | None = None  # column that decides the best row
-    decimals: int = 1
+    decimals: int | None = 1  # None: adapted to each value (timings)
     spread: str = "seeds"
     published_caption: str | None = None  # None: the table has no published block
     published_status: str = ""
@@ -175,7 +175,7 @@ def ablation_tables(frame: pd.DataFrame, section: str, protocol: str, published:
         if set(subset["variant"]) <= {"default"}:
             continue
         table = Table(
-            slug=f"{section}_ablation_{_slug(method)}",
+            slug=f"{section}_ablation_{slug(method)}",
             title=f"Ablation of {display_name(method)} (Tables 3/4 layout)",
             kind="ablation",
             protocol=protocol,
@@ -261,7 +261,8 @@ def _per_image(path: Path | None) -> dict[Any, float]:
         frame = pd.read_csv(path)
     except (OSError, ValueError):
         return {}
-    dice = next((c for c in ("dice", "max_dice", "dice_at_threshold") if c in frame.columns), None)
+    # protocols/ writes dice_at_best_threshold (the Dice at the reported Max-Dice threshold).
+    dice = next((c for c in ("dice_at_best_threshold", "dice", "max_dice") if c in frame.columns), None)
     if dice is None:
         dice = next((c for c in frame.columns if "dice" in str(c).lower()), None)
     if dice is None:
@@ -352,6 +353,7 @@ def timings_table(frame: pd.DataFrame, section: str, protocol: str) -> Table:
         columns=["fit s", "score s", "slices/s"],
         rows=[],
         spread="jobs",
+        decimals=None,
         extra_columns=["reused ckpt", "device"],
     )
     for (method, variant), part in sorted(frame.groupby(["method", "variant"]), key=lambda kv: (method_rank(kv[0][0]), kv[0][1] != "default", kv[0][1])):
@@ -371,20 +373,30 @@ def timings_table(frame: pd.DataFrame, section: str, protocol: str) -> Table:
 # ----------------------------------------------------------------------------- rendering
 
 
-def format_cell(cell: Cell | None, decimals: int, row_n: int) -> str:
+def format_cell(cell: Cell | None, decimals: int | None, row_n: int) -> str:
+    """'mean ± std' ('mean' alone for one value); decimals=None adapts them to the size (timings)."""
     if cell is None or cell.n == 0:
         return "–"
-    text = f"{cell.mean:.{decimals}f}"
+    places = _auto_decimals(cell.mean) if decimals is None else decimals
+    text = f"{cell.mean:.{places}f}"
     if cell.n > 1:
-        text += f" ± {cell.std:.{decimals}f}"
+        text += f" ± {cell.std:.{places}f}"
     if cell.n != row_n:
         text += f" (n={cell.n})"
     return text
 
 
+def _auto_decimals(value: float) -> int:
+    # Three significant digits for small values, whole numbers from 100 on.
+    magnitude = abs(value)
+    if magnitude == 0 or magnitude >= 100:
+        return 0 if magnitude >= 100 else 1
+    return max(0, 2 - int(math.floor(math.log10(magnitude))))
+
+
 def _best_means(table: Table) -> dict[str, float]:
     """Highest mean per column, bolded in markdown (not for timings: higher is not better)."""
-    if table.kind == "timings":
+    if table.kind == "timings" or table.decimals is None:
         return {}
     best: dict[str, float] = {}
     for column in table.columns:
@@ -528,8 +540,6 @@ def long_values(tables: list[Table], section: str) -> list[dict[str, Any]]:
     return out
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name-safe identifier: lower case, runs of other characters as '_'."""
     return re.sub(r"[^a-z0-9]+", "_", str(text).lower()).strip("_") or "x"
-
-
-slug = _slug
