@@ -461,7 +461,7 @@ def to_csv(table: Table, path: Path) -> None:
     """Numeric CSV: mean/std/n per column, the published value beside it, and the test."""
     records = []
     for row in table.rows:
-        item: dict[str, Any] = {table.row_header: row.label, "method": row.method, "variant": row.variant}
+        item: dict[str, Any] = {"row": row.label, "method": row.method, "variant": row.variant}
         if row.modality:
             item["modality"] = row.modality
         for column in table.columns:
@@ -480,7 +480,10 @@ def to_csv(table: Table, path: Path) -> None:
             item["n_pairs"] = row.test.n if row.test else None
             item["per_image_pairs"] = row.test.per_image if row.test else None
         records.append(item)
-    pd.DataFrame(records).to_csv(path, index=False)
+    frame = pd.DataFrame(records)
+    if "n_pairs" in frame:
+        frame["n_pairs"] = frame["n_pairs"].astype("Int64")  # counts stay integers beside missing values
+    frame.to_csv(path, index=False)
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
