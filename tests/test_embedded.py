@@ -62,7 +62,7 @@ def test_healthy_splits_lesion_free_and_test_slices_all_lesioned(small):
 
 
 def test_deterministic_for_a_seed_even_from_scratch(small):
-    for cached in (anat.load_anatomy, anat.base_stack, anat.raw_volumes):
+    for cached in (anat.load_anatomy, anat.base_stack):
         cached.cache_clear()
     again = build_embedded(seed=0, **SMALL)
     np.testing.assert_array_equal(small.images, again.images)

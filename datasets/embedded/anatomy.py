@@ -98,7 +98,6 @@ def z_window() -> tuple[int, int]:
     return max(0, int(np.floor(Z_RANGE[0])) - Z_MARGIN), int(np.ceil(Z_RANGE[1])) + Z_MARGIN + 1
 
 
-@lru_cache(maxsize=1)
 def raw_volumes() -> dict[str, np.ndarray]:
     """The three template volumes over ``z_window()`` on the square canvas, float32 in [0, 1]."""
     import nibabel as nib
@@ -113,7 +112,6 @@ def raw_volumes() -> dict[str, np.ndarray]:
         if not np.isfinite(data).all():
             raise TemplateNotFoundError(f"{path}: non-finite values")
         out[key] = _to_canvas(data)
-        out[key].setflags(write=False)
     shapes = {v.shape for v in out.values()}
     if len(shapes) != 1:
         raise TemplateNotFoundError(f"template volumes disagree in shape: {shapes}")
@@ -170,11 +168,11 @@ CROP_MARGIN_MM = 6
 
 
 @lru_cache(maxsize=1)
-def base_stack() -> tuple[np.ndarray, int, tuple[int, int]]:
+def base_stack() -> tuple[np.ndarray, int, tuple[int, int], int]:
     """All channels at 1 mm over ``z_window()``, cropped in-plane to the brain + a margin.
 
-    Returns the stack, the template z of stack slice 0 and the canvas (row, col) in mm of
-    stack pixel (0, 0). Everything outside the crop is 0 in every channel, so sampling
+    Returns the stack, the template z of stack slice 0, the canvas (row, col) in mm of
+    stack pixel (0, 0) and the canvas side in mm. Everything outside the crop is 0 in every channel, so sampling
     with a zero fill value outside the stack is exact, and the stack takes ~45 % less memory.
     """
     vols = raw_volumes()
@@ -189,7 +187,7 @@ def base_stack() -> tuple[np.ndarray, int, tuple[int, int]]:
     r1, c1 = rows[-1] + CROP_MARGIN_MM + 1, cols[-1] + CROP_MARGIN_MM + 1
     stack = np.stack([channels[name][:, r0:r1, c0:c1] for name in CHANNELS]).astype(np.float32)
     stack.setflags(write=False)
-    return stack, z_lo, (int(r0), int(c0))
+    return stack, z_lo, (int(r0), int(c0)), int(inside.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -235,8 +233,7 @@ def load_anatomy(resolution: int) -> Anatomy:
     every slice stays one cheap trilinear lookup. For coarse resolutions the stack is
     first block-averaged (itself a low-pass), which makes small test builds fast.
     """
-    stack, z_lo, origin = base_stack()
-    canvas = int(raw_volumes()["t1"].shape[-1])
+    stack, z_lo, origin, canvas = base_stack()
     sigma = antialias_sigma(canvas, resolution)
     factor = max(1, int(canvas / resolution // 2))
     if factor > 1:

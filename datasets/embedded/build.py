@@ -113,14 +113,19 @@ def build_embedded(seed: int = 0, resolution: int = 128, n_train: int = 320, n_v
     """Render the whole set in memory (no caching); ``load_embedded`` is the normal entry."""
     start = time.perf_counter()
     anatomy = anat.load_anatomy(resolution)
-    slices: list[RenderedSlice] = []
+    n = n_train + n_val + n_test
+    # filled in place: holding a list of slices and stacking it would double peak memory
+    images = np.zeros((n, len(MODALITIES), resolution, resolution), np.float32)
+    lesions = np.zeros((n, resolution, resolution), np.uint8)
+    brains = np.zeros((n, resolution, resolution), np.uint8)
     rows: list[dict[str, Any]] = []
-    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        for k in range(n):
+    for split, count in (("train", n_train), ("val", n_val), ("test", n_test)):
+        for k in range(count):
             s = render_slice(anatomy, seed, split, k, lesion=split == "test")
+            i = len(rows)
+            images[i], lesions[i], brains[i] = s.images, s.lesion_mask, s.brain_mask
             area = int(s.lesion_mask.sum())
             area_128 = area / area_scale(resolution)
-            slices.append(s)
             rows.append({
                 "subject_id": f"mni-z{round(s.z):03d}-{split}{k:04d}",
                 "slice_index": int(round(s.z)),
@@ -131,9 +136,6 @@ def build_embedded(seed: int = 0, resolution: int = 128, n_train: int = 320, n_v
                 "s1_bucket": s1_bucket(area_128) if area else "",
                 "s2_bucket": s2_bucket(area_128) if area else "",
             })
-    images = np.stack([s.images for s in slices]).astype(np.float32)
-    lesions = np.stack([s.lesion_mask for s in slices]).astype(np.uint8)
-    brains = np.stack([s.brain_mask for s in slices]).astype(np.uint8)
     manifest = make_manifest(seed, resolution, n_train, n_val, n_test, anatomy)
     manifest["fingerprint"] = array_fingerprint(images, lesions, brains)
     manifest["build_seconds"] = round(time.perf_counter() - start, 2)
