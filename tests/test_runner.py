@@ -1,0 +1,78 @@
+"""End to end: the run CLI on a tiny prepared set, resume, checkpoint reuse and errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.run import main
+from datasets.format import save_slices
+from tests.conftest import make_tiny_slices
+
+
+@pytest.fixture
+def prepared(tmp_path) -> Path:
+    return save_slices(make_tiny_slices(n_train=8, n_val=3, n_test=5, size=32), tmp_path / "tiny-set")
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "records").rglob("*.json"))]
+
+
+def test_run_writes_records_resumes_and_reuses_checkpoints(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--protocol", "S1", "--methods", "ae", "--profile", "tiny", "--data", str(prepared), "--out", str(out), "--seeds", "0,1", "--no-progress", "--variants", "ae:apply_brain_mask=false"]
+    assert main(argv) == 0
+    records = _records(out)
+    assert len(records) == 4 and {r["status"] for r in records} == {"ok"}
+    first = next(r for r in records if r["seed"] == 0 and r["variant"] == "default")
+    assert first["protocol"]["name"] == "S1" and first["data"]["modality"] == "T1"
+    assert 0.0 <= first["metrics"]["max_dice"] <= 1.0
+    assert first["data"]["fingerprint"] and first["versions"]["torch"] and first["timings"]["slices_per_second"] > 0
+    assert first["config"]["seed"] == 0 and first["profile"] == "tiny"
+    variant = next(r for r in records if r["seed"] == 0 and r["variant"] != "default")
+    assert variant["timings"]["reused_checkpoint"] is True and variant["training_key"] == first["training_key"]
+    assert (out / "records" / "S1" / "tiny" / "ae" / Path(first["examples"]).name).exists() or any(out.rglob(first["examples"]))
+    assert "max_dice" in capsys.readouterr().out  # the summary table
+
+    # A rerun skips finished jobs: records are not rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "records").rglob("*.json")}
+    assert main(argv) == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "records").rglob("*.json")}
+
+    # A lost record reruns from the cached checkpoint, without training again.
+    lost = next(p for p in stamps if "seed1__default" in p.name)
+    lost.unlink()
+    assert main(argv) == 0
+    again = json.loads(lost.read_text())
+    assert again["status"] == "ok" and again["timings"]["reused_checkpoint"] is True
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--protocol", "S1", "--methods", "nope"], "unknown method"),
+        (["--protocol", "S1", "--methods", "ae", "--profile", "fastest"], "profiles"),
+        (["--protocol", "S1", "--methods", "ae", "--seeds", "a,b"], "--seeds"),
+        (["--protocol", "S1", "--methods", "ae", "--variants", "ae:nope=1"], "no field"),
+        (["--protocol", "S3", "--methods", "ae"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_fail_with_the_valid_choices(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_data_path_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--protocol", "S1", "--methods", "ae", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")])
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_list_methods(capsys):
+    assert main(["--list-methods"]) == 0
+    assert "ae" in capsys.readouterr().out
