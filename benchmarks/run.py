@@ -144,6 +144,9 @@ def summary_table(records: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from benchmarks.plugins import load_plugins
+
+    load_plugins()  # methods named in UAD_BENCH_PLUGINS (modules on the path, not installed)
     if args.list_methods:
         print(list_methods_text())
         return 0
