@@ -158,9 +158,13 @@ def _check_empty_gt(empty_gt: str) -> None:
 
 def _dice(tp: np.ndarray, n_pred: np.ndarray, n_true: np.ndarray | int) -> np.ndarray:
     """2 TP / (|pred| + |true|) from integer counts, 0 where both are empty."""
-    denom = np.asarray(n_pred + n_true, dtype=np.float64)
-    num = 2.0 * np.asarray(tp, dtype=np.float64)
-    return np.divide(num, denom, out=np.zeros_like(denom), where=denom > 0)
+    denom = np.asarray(n_pred + n_true)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dice = np.asarray(2.0 * np.asarray(tp, dtype=np.float64) / denom, dtype=np.float64)
+    empty = denom == 0
+    if np.any(empty):
+        dice[empty] = 0.0
+    return dice
 
 
 def _sorted_distinct(sorted_values: np.ndarray) -> np.ndarray:
@@ -174,19 +178,36 @@ def _sorted_distinct(sorted_values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- global Max Dice
 
 
-def _global_curve(scores: np.ndarray, truth: np.ndarray, thresholds: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled Dice at every candidate threshold (ascending); ``None`` = all distinct scores."""
+def _distinct_counts(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct scores v (ascending) with |map >= v| and |(map >= v) & truth|.
+
+    One sort of the scores gives the prediction sizes; each lesion pixel is located among
+    the distinct values and a reversed cumulative sum of those counts gives TP.
+    """
     flat = scores.ravel()
     ordered = np.sort(flat)
-    positives = np.sort(flat[truth.ravel()]).astype(np.float64)
-    n, n_true = ordered.size, positives.size
+    first = _sorted_distinct(ordered)
+    distinct = ordered[first]
+    located = np.searchsorted(distinct, np.sort(flat[truth.ravel()]), side="left")  # exact matches
+    tp = np.cumsum(np.bincount(located, minlength=distinct.size)[::-1])[::-1]
+    return distinct, (ordered.size - first).astype(np.int64), tp.astype(np.int64)
+
+
+def _global_curve(scores: np.ndarray, truth: np.ndarray, thresholds: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled Dice at every candidate threshold (ascending); ``None`` = all distinct scores.
+
+    Exact: see :func:`_distinct_counts`. Grid: both counts are read off the sorted scores
+    and sorted lesion scores with searchsorted.
+    """
     if thresholds is None:
-        first = _sorted_distinct(ordered)
-        thresholds = ordered[first].astype(np.float64)
-        n_pred = n - first
-    else:
-        n_pred = n - np.searchsorted(ordered.astype(np.float64, copy=False), thresholds, side="left")
-    tp = n_true - np.searchsorted(positives, thresholds, side="left")
+        distinct, n_pred, tp = _distinct_counts(scores, truth)
+        return distinct, _dice(tp, n_pred, int(np.count_nonzero(truth)))
+    flat = scores.ravel()
+    ordered = np.sort(flat)
+    positives = np.sort(flat[truth.ravel()])
+    n, n_true = ordered.size, positives.size
+    n_pred = n - np.searchsorted(ordered.astype(np.float64), thresholds, side="left")
+    tp = n_true - np.searchsorted(positives.astype(np.float64), thresholds, side="left")
     return thresholds, _dice(tp, n_pred, n_true)
 
 
@@ -259,47 +280,76 @@ def dice_at_threshold(maps: Any, masks: Any, threshold: float, per_image: bool =
     return float(_dice(np.count_nonzero(pred & truth), np.count_nonzero(pred), np.count_nonzero(truth)))
 
 
-def _image_runs(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For each image, its distinct scores (ascending) and the Dice of ``map >= score``.
+def _distinct_ranks(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct scores (ascending) and, per pixel, how many of them are <= its score."""
+    flat = scores.ravel()
+    order = np.argsort(flat)
+    ordered = flat[order]
+    change = np.empty(flat.size, dtype=bool)
+    change[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=change[1:])
+    upto = np.empty(flat.size, dtype=np.int64)
+    upto[order] = np.cumsum(change)
+    return ordered[change], upto.reshape(scores.shape)
 
-    Returns flat arrays (row, value, dice) ordered by row then value.
+
+_RANK_BITS = 39  # a chunk key packs (image, rank, lesion bit) into one int64
+
+
+def _mean_curve_chunk(ranks: np.ndarray, truth: np.ndarray, covered_by_rank: np.ndarray, n_thresholds: int, empty_gt: str) -> np.ndarray:
+    """Sum over the images of a chunk of their Dice at every threshold, as a difference array.
+
+    ``ranks[i, p]`` is the 1-based rank of pixel ``p``'s score among all distinct scores;
+    ``covered_by_rank[r]`` is how many candidate thresholds are <= the score of rank ``r``.
+    One sort of packed (image, rank, lesion) keys orders every image's pixels by score.
+    Image ``i``'s Dice is a step function of the threshold: for ``t`` in ``(v_{r-1}, v_r]``
+    (consecutive distinct scores of the image) it equals the Dice of ``map >= v_r`` (a
+    reversed cumulative sum of lesion hits); above its maximum score the prediction is
+    empty. Each step adds its change at the first candidate threshold it covers; a
+    cumulative sum later restores the values.
     """
-    order = np.argsort(scores, axis=1, kind="stable")
-    ordered = np.take_along_axis(scores, order, axis=1)
-    hits = np.take_along_axis(truth, order, axis=1)
-    tp_at_or_above = np.cumsum(hits[:, ::-1], axis=1, dtype=np.int64)[:, ::-1]
+    n_images, n_pixels = ranks.shape
+    image = np.arange(n_images, dtype=np.int64)[:, None] << (_RANK_BITS + 1)
+    keys = np.sort((image | (ranks << 1) | truth).ravel()).reshape(n_images, n_pixels)
+    ordered = (keys >> 1) & ((1 << _RANK_BITS) - 1)
+    tp_at_or_above = np.cumsum((keys & 1)[:, ::-1], axis=1)[:, ::-1]
     first = np.ones(ordered.shape, dtype=bool)
     np.not_equal(ordered[:, 1:], ordered[:, :-1], out=first[:, 1:])
     rows, cols = np.nonzero(first)
     n_true = truth.sum(axis=1)
-    dice = _dice(tp_at_or_above[rows, cols], ordered.shape[1] - cols, n_true[rows])
-    return rows, ordered[rows, cols].astype(np.float64), dice
+    dice = _dice(tp_at_or_above[rows, cols], n_pixels - cols, n_true[rows])
+    covered = covered_by_rank[ordered[rows, cols]]
 
-
-def _mean_curve_chunk(scores: np.ndarray, truth: np.ndarray, thresholds: np.ndarray, empty_gt: str) -> np.ndarray:
-    """Sum over the images of a chunk of their Dice at every threshold, as a difference array.
-
-    Image ``i``'s Dice is a step function of the threshold: for ``t`` in ``(v_{r-1}, v_r]``
-    (consecutive distinct scores of the image) it equals the Dice of ``map >= v_r``; above
-    its maximum score the prediction is empty. Each step adds its change at the first
-    candidate threshold it covers; a cumulative sum later restores the values.
-    """
-    rows, values, dice = _image_runs(scores, truth)
     first_of_row = np.ones(rows.size, dtype=bool)
     np.not_equal(rows[1:], rows[:-1], out=first_of_row[1:])
     last_of_row = np.roll(first_of_row, -1)
     previous = np.concatenate(([0.0], dice[:-1]))
     previous[first_of_row] = 0.0
-    starts = np.concatenate(([0], np.searchsorted(thresholds, values[:-1], side="right")))
+    starts = np.concatenate(([0], covered[:-1]))
     starts[first_of_row] = 0
-    empty = _empty_value(truth.sum(axis=1), empty_gt)
-    empty_starts = np.searchsorted(thresholds, values[last_of_row], side="right")
-    empty_steps = empty[rows[last_of_row]] - dice[last_of_row]
+    empty_steps = _empty_value(n_true, empty_gt)[rows[last_of_row]] - dice[last_of_row]
     return np.bincount(
-        np.concatenate((starts, empty_starts)),
+        np.concatenate((starts, covered[last_of_row])),
         weights=np.concatenate((dice - previous, empty_steps)),
-        minlength=thresholds.size + 1,
-    )[: thresholds.size]
+        minlength=n_thresholds + 1,
+    )[:n_thresholds]
+
+
+def _per_image_steps(scores: np.ndarray, truth: np.ndarray, grid: np.ndarray | None, empty_gt: str) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate thresholds and the difference array of the summed per-image Dice over them."""
+    distinct, ranks = _distinct_ranks(scores)
+    if distinct.size >= 1 << _RANK_BITS:
+        raise ValueError("too many distinct scores for the per-image search")
+    if grid is None:
+        thresholds = distinct
+        covered_by_rank = np.arange(distinct.size + 1, dtype=np.int64)
+    else:
+        thresholds = grid
+        covered_by_rank = np.concatenate(([0], np.searchsorted(grid, distinct.astype(np.float64), side="right")))
+    steps = np.zeros(thresholds.size, dtype=np.float64)
+    for part in _chunks(*scores.shape):
+        steps += _mean_curve_chunk(ranks[part], truth[part].astype(np.int64), covered_by_rank, thresholds.size, empty_gt)
+    return thresholds, steps
 
 
 class _ExactPerImage:
@@ -348,11 +398,13 @@ def per_image_max_dice(
     """Per-image Max Dice: one threshold shared by all images maximising the mean per-image Dice.
 
     Candidates are every distinct score value over all images (``mode="exact"``) or the
-    values of ``grid``. Each image contributes its step-function Dice curve (from one sort
-    of its pixels and cumulative counts) merged onto the candidate thresholds with
-    ``searchsorted`` and a difference array; images are processed in memory-bounded chunks.
-    The near-best candidates are then re-evaluated exactly, so the result equals the
-    brute-force maximum. Empty-GT images follow ``empty_gt`` (module docstring).
+    values of ``grid``. One global sort ranks every score among the distinct values; each
+    image then contributes its step-function Dice curve (one sort of packed (image, rank,
+    lesion) keys and reversed cumulative counts), placed on the candidate thresholds through
+    those ranks as a difference array and summed with one cumulative sum; images are
+    processed in memory-bounded chunks. The near-best candidates (within the rounding
+    margin of that sum) are then re-evaluated exactly, so the result is the brute-force
+    maximum. Empty-GT images follow ``empty_gt`` (module docstring).
     """
     _check_mode(mode, grid)
     _check_empty_gt(empty_gt)
@@ -363,15 +415,12 @@ def per_image_max_dice(
         if not keep.any():
             raise ValueError("no image has a lesion, and empty_gt='exclude' leaves nothing to average")
         scores, truth = scores[keep], truth[keep]
-    thresholds = np.unique(scores).astype(np.float64) if mode == "exact" else resolve_grid(grid)
-    steps = np.zeros(thresholds.size, dtype=np.float64)
-    for part in _chunks(*scores.shape):
-        steps += _mean_curve_chunk(scores[part], truth[part], thresholds, empty_gt)
+    thresholds, steps = _per_image_steps(scores, truth, None if mode == "exact" else resolve_grid(grid), empty_gt)
     approx = np.cumsum(steps.astype(np.longdouble)).astype(np.float64) / scores.shape[0]
     # rounding of the difference array is far below this margin; re-evaluate what is near the top
     margin = 1e-9 + 8 * np.finfo(np.float64).eps * float(np.abs(steps).sum()) / scores.shape[0]
     near = np.flatnonzero(approx >= approx.max() - margin)
-    return _ExactPerImage(scores, truth, empty_gt).best(thresholds[near])
+    return _ExactPerImage(scores, truth, empty_gt).best(thresholds[near].astype(np.float64))
 
 
 # --------------------------------------------------------------------------- ranking metrics
@@ -379,14 +428,9 @@ def per_image_max_dice(
 
 def _ranking_counts(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, int]:
     """Cumulative (TP, FP) for thresholds at every distinct score, from high to low."""
-    flat = scores.ravel()
-    ordered = np.sort(flat)
-    positives = np.sort(flat[truth.ravel()]).astype(np.float64)
-    first = _sorted_distinct(ordered)
-    values = ordered[first].astype(np.float64)
-    n_pred = (ordered.size - first)[::-1]
-    tp = (positives.size - np.searchsorted(positives, values, side="left"))[::-1]
-    return tp.astype(np.int64), (n_pred - tp).astype(np.int64), positives.size, ordered.size - positives.size
+    _, n_pred, tp = _distinct_counts(scores, truth)
+    n_pos = int(np.count_nonzero(truth))
+    return tp[::-1], (n_pred - tp)[::-1], n_pos, int(truth.size) - n_pos
 
 
 def pixel_auroc(maps: Any, masks: Any) -> float:

@@ -216,10 +216,14 @@ def test_per_image_whole_curve_matches_brute_force():
     maps, masks = random_case(rng, n=6, size=5, levels=6)
     masks[2] = 0
     scores, truth = maps.reshape(6, -1), masks.reshape(6, -1) != 0
-    thresholds = np.unique(scores)
-    curve = np.cumsum(metrics._mean_curve_chunk(scores, truth, thresholds, "one_if_empty_pred")) / 6
+    thresholds, steps = metrics._per_image_steps(scores, truth, None, "one_if_empty_pred")
     _, _, ref_means = ref_per_image(maps, masks)
-    np.testing.assert_allclose(curve, ref_means, rtol=0, atol=TOL)
+    np.testing.assert_array_equal(thresholds, np.unique(maps))
+    np.testing.assert_allclose(np.cumsum(steps) / 6, ref_means, rtol=0, atol=TOL)
+    grid = np.array([0.0, 0.2, 0.5, 0.55, 1.0])
+    _, grid_steps = metrics._per_image_steps(scores, truth, grid, "zero")
+    _, _, ref_grid = ref_per_image(maps, masks, grid=grid, empty_gt="zero")
+    np.testing.assert_allclose(np.cumsum(grid_steps) / 6, ref_grid, rtol=0, atol=TOL)
 
 
 def test_per_image_chunks_agree(monkeypatch):
@@ -344,3 +348,20 @@ def test_size_bucket_boundaries():
     assert s2.tolist() == ["small", "small", "medium", "medium", "large", "large"]
     with pytest.raises(ValueError):
         size_bucket(areas, [3, 71], ["a", "b"])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float32_and_signed_zero_maps_match_brute_force(seed):
+    rng = np.random.default_rng(400 + seed)
+    maps, masks = random_case(rng, n=4, size=6, levels=5)
+    maps = (maps - 0.4).astype(np.float32)
+    maps[maps == 0] = -0.0  # -0.0 and 0.0 are one threshold
+    maps[0, 0, :3] = [0.0, -0.0, 0.0]
+    masks[0, 0, :3] = [1, 0, 1]
+    d, t = global_max_dice(maps, masks)
+    ref = ref_global(maps, masks)
+    assert abs(d - ref[0]) <= TOL and t == ref[1]
+    d, t = per_image_max_dice(maps, masks)
+    ref_d, ref_t, _ = ref_per_image(maps, masks)
+    assert abs(d - ref_d) <= TOL and t == ref_t
+    assert abs(pixel_auroc(maps, masks) - roc_auc_score(masks.ravel(), maps.ravel())) <= TOL
