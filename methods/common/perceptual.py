@@ -342,3 +342,20 @@ def make_perceptual(
 
 def perceptual_names() -> Sequence[str]:
     return ("auto", "ssim", "lpips", *(f"lpips-{n}" for n in LPIPS_NETS))
+
+
+# ---------------------------------------------------------------------------------- method glue
+class PerceptualMixin:
+    """For methods whose config has ``perceptual``, ``lpips_net``, ``lpips_weights``,
+    ``lpips_backbone_weights`` and ``ssim_scales``: builds the distance lazily (rebuilt when
+    those inference knobs change) and writes its name into ``self.notes["perceptual"]``."""
+
+    def perceptual_distance(self) -> PerceptualDistance:
+        c = self.config  # type: ignore[attr-defined]
+        device = self.device  # type: ignore[attr-defined]
+        key = (c.perceptual, c.lpips_net, c.lpips_weights, c.lpips_backbone_weights, c.ssim_scales, str(device))
+        if getattr(self, "_perceptual_key", None) != key:
+            dist = make_perceptual(c.perceptual, c.lpips_net, c.lpips_backbone_weights, c.lpips_weights, c.ssim_scales)
+            self._perceptual, self._perceptual_key = dist.to(device), key
+            self.notes["perceptual"] = dist.name  # type: ignore[attr-defined]
+        return self._perceptual
