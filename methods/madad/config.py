@@ -104,18 +104,18 @@ class MadadConfig(MethodConfig):
 # algorithm; trains on 2 CPU cores in a few minutes on ~320 slices.
 _QUICK_SIZES: dict[str, Any] = {
     "image_size": 64,
-    "vae_block_out_channels": (32, 64, 64),
+    "vae_block_out_channels": (16, 32, 64),
     "vae_layers_per_block": 1,
-    "vae_norm_groups": 16,
-    "vae_epochs": 25,
+    "vae_norm_groups": 8,
+    "vae_epochs": 12,
     "vae_finetune_epochs": 2,
     "vae_lr": 1e-3,
     "vae_batch_size": 16,
-    "unet_block_out_channels": (48, 96, 96),
+    "unet_block_out_channels": (32, 64, 64),
     "unet_layers_per_block": 1,
     "unet_attention_head_dim": 32,
     "unet_norm_groups": 16,
-    "epochs": 60,
+    "epochs": 80,
     "batch_size": 32,
     "smoothing_sigma": 1.25,  # 5 px at 256 = 1.25 px at 64
     "brain_block_latent": 1,  # 16 px at 256 = 1 latent cell at 64 / f4
