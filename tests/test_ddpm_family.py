@@ -1,0 +1,120 @@
+"""DDPM, AnoDDPM and pDDPM: pDDPM's patch grid, noise types, profiles, fit/score/save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from methods.base import UADMethod
+from methods.common.schedules import scale_timestep
+from methods.pddpm import PDDPM, grid_starts, patch_grid
+from methods.registry import create_method, get_method_class
+from tests.conftest import make_tiny_slices
+
+FAMILY = ("ddpm", "anoddpm", "pddpm")
+
+
+# ----------------------------------------------------------------------------- pDDPM grid
+@pytest.mark.parametrize("size,patch", [(128, 48), (96, 48), (64, 24), (16, 6), (100, 48), (32, 32), (33, 8)])
+def test_pddpm_patches_tile_the_image_exactly_once(size: int, patch: int) -> None:
+    boxes, owners = patch_grid(size, size, patch)
+    assert owners.shape == (len(boxes), size, size)
+    assert torch.equal(owners.sum(0), torch.ones(size, size))  # every pixel owned exactly once
+    for (y0, y1, x0, x1), own in zip(boxes, owners):
+        assert y1 - y0 == patch and x1 - x0 == patch  # every noised patch is a full square
+        assert 0 <= y0 and y1 <= size and 0 <= x0 and x1 <= size
+        inside = torch.zeros(size, size)
+        inside[y0:y1, x0:x1] = 1
+        assert torch.all(own <= inside)  # a patch only owns pixels it covers
+    assert grid_starts(128, 48) == [0, 48, 80]
+
+
+class _RecordingModel(nn.Module):
+    """x0 prediction = the index of the call (a constant image), and records the inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        return torch.full_like(x, float(len(self.inputs) - 1))
+
+
+def test_pddpm_noises_one_patch_at_a_time_and_stitches_from_owners() -> None:
+    method = PDDPM.from_profile("tiny", device="cpu", clip_denoised=False)
+    method.input_shape_ = (1, 16, 16)
+    method.model = _RecordingModel()
+    x = torch.rand(2, 1, 16, 16) * 2 - 1
+    x_hat = method.restore(x, torch.Generator().manual_seed(0))
+    boxes, owners = method.grid()
+    assert len(method.model.inputs) == len(boxes) == 9  # one pass per patch
+    for k, ((y0, y1, x0, x1), x_in) in enumerate(zip(boxes, method.model.inputs)):
+        outside = torch.ones(16, 16, dtype=torch.bool)
+        outside[y0:y1, x0:x1] = False
+        assert torch.equal(x_in[..., outside], x[..., outside])  # the rest stays clean
+        assert not torch.allclose(x_in[..., ~outside], x[..., ~outside])  # the patch is noised
+    expected = sum(k * owners[k] for k in range(len(boxes)))
+    assert torch.equal(x_hat, expected.expand_as(x_hat))
+
+
+def test_pddpm_training_loss_sees_only_the_patch() -> None:
+    method = PDDPM.from_profile("tiny", device="cpu")
+    method.input_shape_ = (1, 16, 16)
+    method.model = _RecordingModel()
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    method.training_loss(x0, torch.Generator().manual_seed(0))
+    x_in = method.model.inputs[0]
+    changed = (x_in != x0).flatten(1).sum(1)
+    assert torch.all(changed > 0) and torch.all(changed <= 6 * 6)  # one 6x6 patch per slice
+
+
+# ----------------------------------------------------------------------------- noise types
+def test_anoddpm_trains_with_unit_variance_simplex_noise() -> None:
+    method = create_method("anoddpm", "paper", device="cpu")
+    x0 = torch.zeros(4, 1, 64, 64)
+    noise = method.training_noise(x0, torch.Generator().manual_seed(0))
+    assert abs(float(noise.std()) - 1) < 0.02
+    neighbour = torch.corrcoef(torch.stack([noise[..., :-1].flatten(), noise[..., 1:].flatten()]))[0, 1]
+    assert neighbour > 0.5  # spatially correlated, unlike Gaussian noise
+
+
+# ----------------------------------------------------------------------------- profiles
+@pytest.mark.parametrize("name,t_paper", [("ddpm", 350), ("anoddpm", 250), ("pddpm", 499)])
+def test_paper_defaults_and_quick_scaling(name: str, t_paper: int) -> None:
+    cls = get_method_class(name)
+    paper = cls.from_profile("paper").config
+    assert paper.t_start == t_paper and paper.num_train_timesteps == 1000 and paper.image_size == 128
+    assert paper.channels == (128, 256, 256) and paper.num_head_channels == 256
+    quick = cls.from_profile("quick").config
+    assert quick.t_start == scale_timestep(t_paper, 1000, quick.num_train_timesteps)
+    assert (paper.schedule, paper.prediction_type, paper.loss) == (quick.schedule, quick.prediction_type, quick.loss)
+    if name == "pddpm":
+        assert (paper.schedule, paper.prediction_type, paper.loss, paper.patch_size) == ("cosine", "sample", "l1", 48)
+        assert quick.patch_size * paper.image_size == paper.patch_size * quick.image_size  # patch scales with resolution
+    else:
+        assert (paper.schedule, paper.prediction_type, paper.loss) == ("linear", "epsilon", "l2")
+
+
+# ----------------------------------------------------------------------------- fit / score / save / load
+@pytest.fixture(scope="module")
+def tiny_data():
+    return make_tiny_slices(n_train=8, n_val=0, n_test=3, size=32)
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_fit_score_save_load_round_trip(name: str, tiny_data, tmp_path) -> None:
+    train, test = tiny_data.split("train"), tiny_data.split("test")
+    method = create_method(name, "tiny", device="cpu", score_batch_size=4)
+    method.fit(train)
+    maps = method.score(test.images, test.brain_masks)
+    assert maps.shape == (3, 32, 32) and torch.isfinite(maps).all() and float(maps.max()) > 0
+    c = method.config
+    expected_nfe = len(patch_grid(16, 16, c.patch_size)[0]) if name == "pddpm" else c.t_start + 1
+    assert method.nfe == expected_nfe
+    method.save(tmp_path / name)
+    loaded = UADMethod.load(tmp_path / name)
+    assert torch.equal(loaded.score(test.images, test.brain_masks), maps)
+    recon = loaded.reconstruct(test.images, test.brain_masks)
+    assert recon.shape == test.images.shape and torch.isfinite(recon).all()
