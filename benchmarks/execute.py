@@ -118,10 +118,11 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
     start = time.perf_counter()
     maps = fitted.score(splits.test.images, splits.test.brain_masks, progress=ctx.progress).numpy()
     score_seconds = time.perf_counter() - start
-    val_maps = None
-    if splits.val is not None and getattr(protocol, "needs_val_maps", protocol.name == "S2"):
+    val_maps = val_brain_masks = None
+    if splits.val is not None and protocol.needs_val_maps:
         val_maps = fitted.score(splits.val.images, splits.val.brain_masks).numpy()
-    result = protocol.evaluate(maps, splits.test, val_maps=val_maps)
+        val_brain_masks = np.asarray(splits.val.brain_masks)
+    result = protocol.evaluate(maps, splits.test, val_maps=val_maps, val_brain_masks=val_brain_masks)
 
     record_path = job.record_path(Path(ctx.out))
     examples = _write_examples(fitted, splits.test, maps, record_path, ctx.n_examples)
@@ -149,6 +150,7 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
         },
         "device": device_info(device),
         "notes": dict(fitted.notes),
+        "evaluation_notes": dict(getattr(result, "notes", None) or {}),
         "examples": examples,
         "per_image": per_image_name,
         "checkpoint": str(checkpoint),

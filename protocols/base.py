@@ -183,6 +183,14 @@ class Protocol:
 
     def check_data(self, data: SliceSet) -> None:
         """Raise :class:`ProtocolDataError` saying why ``data`` does not fit this protocol."""
+        prepared_for = data.manifest.get("protocols")
+        if prepared_for is not None and self.name not in prepared_for:
+            source = data.manifest.get("source", "unknown source")
+            what = data.manifest.get("protocol", "another use")
+            raise ProtocolDataError(
+                f"{self.name}: this set ({source}) was prepared for {what} and fits protocol(s) "
+                f"{', '.join(prepared_for) or 'none on its own'}; see docs/data-preparation.md for the {self.name} preparation"
+            )
         self.modalities(data)  # raises when no evaluated modality is present
         splits = set(data.table["split"].astype(str))
         if "test" not in splits:
