@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from methods.autoddpm import AutoDDPM, binary_mask
+import numpy as np
+
+from methods.autoddpm import AutoDDPM, binary_mask, per_image_quantile
 from methods.base import UADMethod
 from methods.thor import THOR
 from methods.thor.maps import grey_closing, grey_dilation, harmonic_mean, soft_mask
@@ -92,6 +94,12 @@ def test_autoddpm_mask_threshold_and_dilation() -> None:
     # negative threshold: the per-image 95th percentile
     ramp = torch.arange(100.0).view(1, 1, 10, 10) / 100
     assert int(binary_mask(ramp, -1, 1).sum()) == 5
+
+
+def test_per_image_quantile_matches_numpy() -> None:
+    x = torch.rand(3, 1, 7, 9, generator=torch.Generator().manual_seed(0))
+    expected = [np.percentile(x[i].numpy(), 95) for i in range(3)]
+    assert np.allclose(per_image_quantile(x, 0.95).flatten().numpy(), expected, atol=1e-6)
 
 
 # ------------------------------------------------------------------ methods on tiny networks

@@ -50,7 +50,19 @@ from methods.common.diffusion import QUICK_BACKBONE, TINY_BACKBONE, PixelDiffusi
 from methods.common.perceptual import PerceptualMixin
 from methods.registry import register_method
 
-__all__ = ["AutoDDPM", "AutoDDPMConfig", "binary_mask", "dilate"]
+__all__ = ["AutoDDPM", "AutoDDPMConfig", "binary_mask", "dilate", "per_image_quantile"]
+
+
+def per_image_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``q``-quantile of each image of ``x`` (B x ...), linear interpolation as numpy's default; B x 1 x 1 x 1.
+
+    Sort-based: ``torch.quantile`` refuses inputs beyond 2**24 elements (large GPU batches).
+    """
+    flat = x.flatten(1).float().sort(dim=1).values
+    pos = q * (flat.shape[1] - 1)
+    lo, frac = int(pos), pos - int(pos)
+    hi = min(lo + 1, flat.shape[1] - 1)
+    return (flat[:, lo] * (1 - frac) + flat[:, hi] * frac).view(-1, 1, 1, 1)
 
 
 def dilate(mask: torch.Tensor, k: int = 3) -> torch.Tensor:
@@ -65,7 +77,7 @@ def binary_mask(coarse_map: torch.Tensor, threshold: float, dilation: int = 3) -
     if threshold >= 0:
         thr = torch.full((coarse_map.shape[0], 1, 1, 1), float(threshold), device=coarse_map.device)
     else:
-        thr = torch.quantile(coarse_map.flatten(1).float(), 0.95, dim=1).clamp(0, 1).view(-1, 1, 1, 1)
+        thr = per_image_quantile(coarse_map, 0.95).clamp(0, 1)
     return dilate((coarse_map > thr).to(coarse_map.dtype), dilation)
 
 
@@ -126,7 +138,7 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x, x_rec = x.float(), x_rec.float()
             r = (x - x_rec).abs().mean(dim=1, keepdim=True) * 0.5  # data units
-            q = torch.quantile(r.flatten(1), float(self.config.residual_quantile), dim=1).view(-1, 1, 1, 1)
+            q = per_image_quantile(r, float(self.config.residual_quantile))
             r = (r / (q + 1e-8)).clamp(0.0, 1.0)
             return self.perceptual_distance()(x, x_rec) * r
 
