@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -30,6 +31,7 @@ class AEConfig(MethodConfig):
     weight_decay: float = 0.0
     batch_size: int = 32
     epochs: int = 100
+    image_size: int | None = None  # internal resolution; None = the data's (maps are resampled back)
 
 
 def _conv_block(c_in: int, c_out: int, k: int) -> nn.Sequential:
@@ -80,15 +82,25 @@ class AutoEncoder(UADMethod):
     config: AEConfig
     profiles = {
         "paper": {},
-        "quick": {"epochs": 40, "batch_size": 16, "lr": 5e-4},
+        # Same architecture at half the width and 64 px: trains in about a minute per model on 2 CPU cores.
+        "quick": {"epochs": 40, "batch_size": 16, "lr": 1e-3, "channels": (16, 32, 64, 64), "image_size": 64},
         # For the conformance test: seconds on a CPU, same architecture family.
-        "tiny": {"epochs": 2, "batch_size": 4, "channels": (8, 16, 16, 16), "latent_dim": 16},
+        "tiny": {"epochs": 2, "batch_size": 4, "channels": (8, 16, 16, 16), "latent_dim": 16, "image_size": 32},
     }
 
+    def _internal_size(self) -> tuple[int, int]:
+        _, h, w = self.input_shape_  # type: ignore[misc]
+        size = self.config.image_size
+        return (h, w) if size is None else (size, size)
+
+    def _to_internal(self, x: torch.Tensor) -> torch.Tensor:
+        size = self._internal_size()
+        return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
+
     def _build(self) -> None:
-        c, h, w = self.input_shape_  # type: ignore[misc]
+        c = self.input_shape_[0]  # type: ignore[index]
         cfg = self.config
-        self.model = DenseAutoEncoder(c, (h, w), tuple(cfg.channels), cfg.kernel_size, cfg.latent_dim).to(self.device)
+        self.model = DenseAutoEncoder(c, self._internal_size(), tuple(cfg.channels), cfg.kernel_size, cfg.latent_dim).to(self.device)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"autoencoder": self.model}
@@ -104,7 +116,7 @@ class AutoEncoder(UADMethod):
         for _ in bar:
             total = 0.0
             for index in self.iterate_minibatches(len(train), batch, generator, drop_last=True):
-                x = torch.from_numpy(np.asarray(train.images[index], dtype=np.float32)).to(self.device)
+                x = self._to_internal(torch.from_numpy(np.asarray(train.images[index], dtype=np.float32)).to(self.device))
                 loss = (self.model(x) - x).abs().mean()
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -113,7 +125,9 @@ class AutoEncoder(UADMethod):
             bar.set_postfix(l1=f"{total / len(train):.4f}")
 
     def _reconstruct_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        recon = self.model(self._to_internal(images))
+        return recon if recon.shape == images.shape else F.interpolate(recon, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
     def _score_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
-        return (images - self.model(images)).abs().mean(dim=1)
+        # The residual is taken at the input's resolution, against the upsampled restoration.
+        return (images - self._reconstruct_batch(images, brain_masks)).abs().mean(dim=1)
