@@ -115,7 +115,7 @@ _QUICK_SIZES: dict[str, Any] = {
     "unet_layers_per_block": 1,
     "unet_attention_head_dim": 32,
     "unet_norm_groups": 16,
-    "epochs": 80,
+    "epochs": 160,
     "batch_size": 32,
     "smoothing_sigma": 1.25,  # 5 px at 256 = 1.25 px at 64
     "brain_block_latent": 1,  # 16 px at 256 = 1 latent cell at 64 / f4
