@@ -29,11 +29,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.execute import RunContext, data_name, load_data
+from benchmarks.execute import RunContext, data_name
 from benchmarks.executors import EXECUTORS, get_executor
 from benchmarks.jobs import DEFAULT_VARIANT, Job, Variant, build_jobs, group_jobs
 from benchmarks.plugins import load_plugins
-from benchmarks.run import UsageError, parse_seeds, resolve_methods, resolve_profile, summary_table
+from benchmarks.run import UsageError, parse_seeds, resolve_data, resolve_methods, resolve_profile, summary_table
 from methods.base import ConfigError
 
 SPACE_KINDS = ("loguniform", "uniform", "randint", "choice")
@@ -179,7 +179,7 @@ class Setup:
 
 
 def _setup(args: argparse.Namespace) -> Setup:
-    from protocols import ProtocolDataError, get_protocol
+    from protocols import get_protocol
 
     load_plugins()
     methods = resolve_methods(args.method)
@@ -189,19 +189,7 @@ def _setup(args: argparse.Namespace) -> Setup:
     seeds = parse_seeds(args.seeds)
     profile = resolve_profile(args.profile, args.device, [method])
     protocol = get_protocol(args.protocol)
-    spec = args.data if args.data == "embedded" else str(Path(args.data).resolve())
-    try:
-        data = load_data(spec)
-        protocol.check_data(data)
-    except (ProtocolDataError, FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"--data {args.data}: {exc}") from exc
-    modalities = protocol.modalities(data)
-    if args.modalities:
-        wanted = [m.strip() for m in args.modalities.split(",") if m.strip()]
-        bad = [m for m in wanted if m not in modalities]
-        if bad:
-            raise UsageError(f"--modalities: {', '.join(bad)} not evaluated by {protocol.name} on this data; choose from {', '.join(modalities)}")
-        modalities = wanted
+    spec, modalities = resolve_data(protocol, args.data, args.modalities)
     base = dict(parse_assignment(s, "--set") for s in args.set)
     out = Path(args.out or f"results/runs/ablate-{method}-{protocol.name}-{profile}").resolve()
     ctx = RunContext(

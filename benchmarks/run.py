@@ -102,6 +102,25 @@ def parse_set_overrides(specs: list[str], methods: list[str]) -> dict[str, dict[
     return result
 
 
+def resolve_data(protocol: Any, data: str, modalities: str | None) -> tuple[str, list[str]]:
+    """Check ``--data`` against the protocol; return its spec and the modalities to evaluate."""
+    from protocols import ProtocolDataError
+
+    spec = data if data == "embedded" else str(Path(data).resolve())
+    try:
+        protocol.check_data(load_data(spec))
+    except (ProtocolDataError, FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--data {data}: {exc}") from exc
+    available = protocol.modalities(load_data(spec))
+    if not modalities:
+        return spec, available
+    wanted = [m.strip() for m in modalities.split(",") if m.strip()]
+    bad = [m for m in wanted if m not in available]
+    if bad:
+        raise UsageError(f"--modalities: {', '.join(bad)} not evaluated by {protocol.name} on this data; choose from {', '.join(available)}")
+    return spec, wanted
+
+
 def list_methods_text() -> str:
     from methods.registry import get_method_class, method_sources
 
@@ -160,27 +179,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from protocols import ProtocolDataError, get_protocol
+    from protocols import get_protocol
 
     methods = resolve_methods(args.methods)
     seeds = parse_seeds(args.seeds)
     profile = resolve_profile(args.profile, args.device, methods)
     protocol = get_protocol(args.protocol)
-    data_spec = args.data if args.data == "embedded" else str(Path(args.data).resolve())
-    try:
-        data = load_data(data_spec)
-        protocol.check_data(data)
-    except ProtocolDataError as exc:
-        raise UsageError(f"--data {args.data}: {exc}") from exc
-    except (FileNotFoundError, ValueError) as exc:
-        raise UsageError(f"--data {args.data}: {exc}") from exc
-    modalities = protocol.modalities(data)
-    if args.modalities:
-        wanted = [m.strip() for m in args.modalities.split(",") if m.strip()]
-        bad = [m for m in wanted if m not in modalities]
-        if bad:
-            raise UsageError(f"--modalities: {', '.join(bad)} not evaluated by {protocol.name} on this data; choose from {', '.join(modalities)}")
-        modalities = wanted
+    data_spec, modalities = resolve_data(protocol, args.data, args.modalities)
     try:
         variants = parse_variants(args.variants, methods)
     except ValueError as exc:
