@@ -21,6 +21,7 @@ STARTS = ("sample", "posterior_mean")
 SOURCES = ("image_diff", "latent_diff", "mean_mask")
 REFERENCES = ("input", "vae_reconstruction")
 LR_SCHEDULES = ("constant", "cosine")
+LATENT_NORMS = ("channel", "global")
 
 
 @dataclass
@@ -46,7 +47,13 @@ class MadadConfig(MethodConfig):
     vae_perceptual_weight: float = 0.0
     vae_adversarial_weight: float = 0.0
     vae_adversarial_start_epoch: int = 0
-    latent_scale: Optional[float] = None  # None: 0.18215 (SD VAE config) if pretrained, 1/std of train latents if trained here
+    latent_scale: Optional[float] = None  # None: 0.18215 (SD VAE config) if pretrained, else set by latent_norm
+    # VAE trained here, latent_scale None: "global" = z / std (one scalar, no shift; LDM practice),
+    # "channel" = per-channel (z - mean_c) / std_c of the training latents. A from-scratch VAE's
+    # channels can have means several of their own stds from 0; one global scalar then leaves each
+    # channel's spread below the N(0, 1) noise of eq. 2. "channel" did not raise Max Dice in the
+    # quick runs (README, "Diagnosis"), so "global" stays the default.
+    latent_norm: str = "global"
     train_latent: str = "sample"  # "sample" (LDM convention) | "posterior_mean"
 
     # ------------------------------------------------------------------ denoiser

@@ -23,6 +23,7 @@ from methods.madad import anomaly
 from methods.madad.augment import augment
 from methods.madad.config import (
     BRAIN_RULES,
+    LATENT_NORMS,
     LR_SCHEDULES,
     MASK_LOSSES,
     PROFILES,
@@ -57,6 +58,9 @@ class MADAD(UADMethod):
         self.vae: Optional[nn.Module] = None
         self.denoiser: Optional[MaskedDenoiser] = None
         self.latent_scale_: Optional[float] = None
+        # per-channel affine of latent_norm="channel" (None: only the global latent_scale_)
+        self.latent_mean_: Optional[torch.Tensor] = None
+        self.latent_std_: Optional[torch.Tensor] = None
         self._score_index = 0  # running slice index within one score() call (noise seeds)
 
     # ------------------------------------------------------------------ config checks
@@ -70,6 +74,7 @@ class MADAD(UADMethod):
         _choice("anomaly_source", c.anomaly_source, SOURCES)
         _choice("map_reference", c.map_reference, REFERENCES)
         _choice("lr_schedule", c.lr_schedule, LR_SCHEDULES)
+        _choice("latent_norm", c.latent_norm, LATENT_NORMS)
         factor = 2 ** (len(c.vae_block_out_channels) - 1)
         if c.image_size % factor:
             raise ConfigError(f"madad: image_size {c.image_size} must be divisible by the VAE factor {factor}")
@@ -149,10 +154,28 @@ class MADAD(UADMethod):
         return {"vae": self.vae, "denoiser": self.denoiser}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"latent_scale": self.latent_scale_}
+        as_list = lambda t: None if t is None else [float(v) for v in t]  # noqa: E731
+        return {"latent_scale": self.latent_scale_, "latent_mean": as_list(self.latent_mean_), "latent_std": as_list(self.latent_std_)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.latent_scale_ = float(state["latent_scale"])
+        as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float32)  # noqa: E731
+        self.latent_mean_ = as_tensor(state.get("latent_mean"))
+        self.latent_std_ = as_tensor(state.get("latent_std"))
+
+    # ------------------------------------------------------------------ latent normalisation
+    def _normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latent -> diffusion latent: ``((z - mean_c) / std_c) * latent_scale_``."""
+        if self.latent_mean_ is not None:
+            z = (z - self.latent_mean_.to(z).view(1, -1, 1, 1)) / self.latent_std_.to(z).view(1, -1, 1, 1)
+        return z * self.latent_scale_
+
+    def _denormalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``_normalise`` (what the VAE decoder takes)."""
+        z = z / self.latent_scale_
+        if self.latent_mean_ is not None:
+            z = z * self.latent_std_.to(z).view(1, -1, 1, 1) + self.latent_mean_.to(z).view(1, -1, 1, 1)
+        return z
 
     # ------------------------------------------------------------------ training
     def _batch(self, data: SliceSet, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,21 +228,29 @@ class MADAD(UADMethod):
                     means.append(m.cpu())
                     stds.append(s.cpu())
             cached = (torch.cat(means), torch.cat(stds))
+        self.latent_mean_ = self.latent_std_ = None
         if c.latent_scale is not None:
             self.latent_scale_ = float(c.latent_scale)
         elif c.vae_path:
             self.latent_scale_ = float(getattr(self.vae.config, "scaling_factor", SD_SCALING_FACTOR))
-        else:  # LDM practice for a new VAE: unit-variance latents
+        else:  # LDM practice for a new VAE: unit-variance latents (per channel or one scalar)
             if cached is None:
                 with torch.no_grad():
                     idx = np.arange(min(len(train), 256))
                     m, s = encode_stats(self.vae, self._to_vae(self._batch(train, idx)[0]).to(device))
-                cached_std = (m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(c.seed)).to(m)).std()
             else:
                 m, s = cached
-                cached_std = (m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(c.seed))).std()
-            self.latent_scale_ = float(1.0 / cached_std.clamp(min=1e-6))
+            sample = (m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(c.seed)).to(m)).float().cpu()
+            if c.latent_norm == "channel":
+                self.latent_mean_ = sample.mean((0, 2, 3))
+                self.latent_std_ = sample.std((0, 2, 3)).clamp(min=1e-6)
+                self.latent_scale_ = 1.0
+            else:
+                self.latent_scale_ = float(1.0 / sample.std().clamp(min=1e-6))
         self.notes["latent_scale"] = self.latent_scale_
+        if self.latent_mean_ is not None:
+            self.notes["latent_channel_mean"] = [round(float(v), 5) for v in self.latent_mean_]
+            self.notes["latent_channel_std"] = [round(float(v), 5) for v in self.latent_std_]
 
         # 3. Denoiser on the masked forward process.
         self.abar = alphas_cumprod(c.schedule, c.timesteps)
@@ -275,7 +306,7 @@ class MADAD(UADMethod):
                 b = mean.shape[0]
                 if c.train_latent == "sample":
                     mean = mean + std * torch.randn(mean.shape, generator=gen).to(device)
-                z0 = mean * self.latent_scale_
+                z0 = self._normalise(mean)
                 masks, _, _ = sample_patch_masks(
                     b, hw, gen, (c.mask_ratio_min, c.mask_ratio_max), c.patch_sizes, probs, c.patch_size_per
                 )
@@ -335,18 +366,17 @@ class MADAD(UADMethod):
     def _restore(self, images: torch.Tensor) -> dict[str, Any]:
         """Run MAD-AD on a batch; returns internal-resolution tensors on [-1, 1]."""
         c = self.config
-        scale = self.latent_scale_
         x = self._to_vae(images)
         mean, std = encode_stats(self.vae, x)
         mean, std = mean.float(), std.float()
         eps0, eps = self._slice_noise(x.shape[0], tuple(mean.shape[1:]), c.ddim_steps)
         eps0, eps = eps0.to(x.device), eps.to(x.device)
         z_input = mean + std * eps0 if c.inference_start == "sample" else mean
-        z_T = z_input * scale
+        z_T = self._normalise(z_input)
         out: MaskedDDIMOutput = masked_ddim(
             self._denoise, z_T, self.abar, c.ddim_steps, c.sigma, c.mask_threshold, eps if c.sigma > 0 else None
         )
-        restored = self.vae.decode(out.z0 / scale).sample.float()
+        restored = self.vae.decode(self._denormalise(out.z0)).sample.float()
         return {"x": x, "z_T": z_T, "out": out, "restored": restored}
 
     def _score_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
@@ -357,7 +387,7 @@ class MADAD(UADMethod):
             if c.map_reference == "input":
                 reference = r["x"]
             else:  # authors' code: compare with the VAE's own reconstruction D(E(x))
-                reference = self.vae.decode(r["z_T"] / self.latent_scale_).sample.float()
+                reference = self.vae.decode(self._denormalise(r["z_T"])).sample.float()
             amap = anomaly.image_diff_map(r["restored"], reference.float(), c.gamma, c.smoothing_sigma)
         elif c.anomaly_source == "latent_diff":
             amap = anomaly.latent_diff_map(r["out"].z0.float(), r["z_T"].float(), size, c.smoothing_sigma)
