@@ -96,6 +96,9 @@ def test_paper_defaults_and_quick_scaling(name: str, t_paper: int) -> None:
     if name == "pddpm":
         assert (paper.schedule, paper.prediction_type, paper.loss, paper.patch_size) == ("cosine", "sample", "l1", 48)
         assert quick.patch_size * paper.image_size == paper.patch_size * quick.image_size  # patch scales with resolution
+        # paper: Gaussian (DESIGN.md); quick: the authors' simplex noise, scaled with the resolution
+        assert (paper.noise, quick.noise) == ("gaussian", "simplex")
+        assert quick.simplex_frequency * paper.image_size == paper.simplex_frequency * quick.image_size
     else:
         assert (paper.schedule, paper.prediction_type, paper.loss) == ("linear", "epsilon", "l2")
 

@@ -27,8 +27,19 @@ Departures from the authors' code (FinnBehrendt/patched-Diffusion-Models-UAD):
   error outside the patch: the same gradient direction, scaled by the patch fraction);
 * no post-processing of the map (their evaluation median-filters and erodes the brain
   mask); the protocols apply the brain mask.
-* ``quick``: small UNet, T = 100 with t_start 50, internal 64 x 64, patch 24 (48 scaled
-  with the resolution).
+* ``quick``: small UNet, T = 100 with t_start 50 (cosine abar 0.49, as at 499 of 1000),
+  internal 64 x 64, patch 24 (48 scaled with the resolution), and ``noise="simplex"``
+  (frequency 32, the authors' MIDL setting scaled with the resolution). Why simplex: with
+  Gaussian noise at abar 0.5 the lesions stay visible through the i.i.d. noise (a
+  ~70-pixel lesion averages the noise away), so the one-pass x0 prediction restores
+  them as they are, while its blur raises the residual of normal high-contrast anatomy.
+  Measured on embedded T1 (quick, 96 test slices): Gaussian, 60 epochs, Max Dice 0.1608
+  (= the constant map), AUROC 0.46, mean residual 0.104 on lesions vs 0.115 elsewhere in
+  the brain (t_start 70/85/95 did not help: 0.161/0.161/0.170); simplex, 15 epochs,
+  Max Dice 0.187, AUROC 0.57, residual 0.186 vs 0.173. Low-frequency simplex noise hides
+  lesion-sized blobs, so the network must inpaint them from the clean context. The
+  implementation was checked against the authors' code (same grid boxes in training and
+  test, clean context, loss on the patch, t = 499 of 1000, x0 clip); no bug was found.
 """
 
 from __future__ import annotations
@@ -87,7 +98,9 @@ class PDDPM(PixelDiffusionMethod):
     config: PDDPMConfig
     profiles = {
         "paper": {},
-        "quick": {**QUICK_BACKBONE, "t_start": 50, "patch_size": 24, "simplex_frequency": 32.0},
+        # quick uses the authors' simplex noise: with Gaussian noise at 64 x 64 the one-pass
+        # x0 prediction keeps the dark T1 lesions (see the module docstring)
+        "quick": {**QUICK_BACKBONE, "t_start": 50, "patch_size": 24, "noise": "simplex", "simplex_frequency": 32.0},
         "tiny": {**TINY_BACKBONE, "t_start": 5, "patch_size": 6, "simplex_frequency": 8.0},
     }
 
