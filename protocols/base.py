@@ -232,6 +232,14 @@ class Protocol:
     def evaluate(self, maps: Any, test: SliceSet, val_maps: Any | None = None, val_brain_masks: Any | None = None) -> EvaluationResult:
         raise NotImplementedError
 
+    def _resolution_notes(self, test: SliceSet) -> dict[str, Any]:
+        """Evaluation resolution and the bucket edges it implies, for the record's notes."""
+        return {
+            "resolution": list(test.resolution),
+            "bucket_scale": SizeBuckets.scale(test.resolution),
+            "buckets_px": self.buckets.describe(test.resolution),
+        }
+
     def _per_image_frame(self, test: SliceSet, keep: np.ndarray, areas: np.ndarray, buckets: np.ndarray, maps: np.ndarray) -> pd.DataFrame:
         table = test.table.iloc[np.flatnonzero(keep)]
         return pd.DataFrame(

@@ -98,12 +98,7 @@ class S1Protocol(Protocol):
         out["auroc"] = metrics.pixel_auroc(arr, masks)
         out["auprc"] = metrics.pixel_auprc(arr, masks)
 
-        notes: dict[str, Any] = {
-            "resolution": list(test.resolution),
-            "bucket_scale": SizeBuckets.scale(test.resolution),
-            "buckets_px": self.buckets.describe(test.resolution),
-            "n_excluded": int((~keep).sum()),
-        }
+        notes: dict[str, Any] = {**self._resolution_notes(test), "n_excluded": int((~keep).sum())}
         if val_maps is not None:
             val_out, val_notes, _ = val_threshold_metrics(self, val_maps, val_brain_masks, arr, masks, per_image=False)
             out.update(val_out)

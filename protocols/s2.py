@@ -88,12 +88,7 @@ class S2Protocol(Protocol):
         out["auroc"] = metrics.pixel_auroc(arr, masks)
         out["auprc"] = metrics.pixel_auprc(arr, masks)
 
-        notes: dict[str, Any] = {
-            "resolution": list(test.resolution),
-            "bucket_scale": SizeBuckets.scale(test.resolution),
-            "buckets_px": self.buckets.describe(test.resolution),
-            "n_empty_gt": int((areas == 0).sum()),
-        }
+        notes: dict[str, Any] = {**self._resolution_notes(test), "n_empty_gt": int((areas == 0).sum())}
         if val_maps is not None:
             val_out, val_notes, threshold = val_threshold_metrics(self, val_maps, val_brain_masks, arr, masks, per_image=True)
             out.update(val_out)
