@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from methods.base import ConfigError, inference_field
 from methods.common.diffusion import QUICK_BACKBONE, TINY_BACKBONE, PixelDiffusionConfig, PixelDiffusionMethod
-from methods.common.perceptual import PerceptualMixin
+from methods.common.perceptual import PerceptualConfig, PerceptualMixin
 from methods.registry import register_method
 
 __all__ = ["AutoDDPM", "AutoDDPMConfig", "binary_mask", "dilate", "per_image_quantile"]
@@ -82,7 +82,7 @@ def binary_mask(coarse_map: torch.Tensor, threshold: float, dilation: int = 3) -
 
 
 @dataclass
-class AutoDDPMConfig(PixelDiffusionConfig):
+class AutoDDPMConfig(PixelDiffusionConfig, PerceptualConfig):
     t_recon: int = inference_field(200)  # noise level of the coarse reconstruction (of T = 1000)
     t_inpaint: int = inference_field(50)  # noise level the stitched image is resampled from
     resample_steps: int = inference_field(5)  # RePaint resamplings per step
@@ -90,12 +90,6 @@ class AutoDDPMConfig(PixelDiffusionConfig):
     mask_dilation: int = inference_field(3)  # square kernel of the mask dilation
     residual_quantile: float = inference_field(0.95)  # per-image normalisation of the coarse residual
     inpaint_start: str = inference_field("stitch")  # stitch (paper) | coarse (authors' code)
-    # perceptual distance (methods.common.perceptual); the authors' code uses LPIPS-SqueezeNet
-    perceptual: str = inference_field("auto")
-    lpips_net: str = inference_field("squeeze")
-    lpips_weights: str | None = inference_field(None)
-    lpips_backbone_weights: str | None = inference_field(None)
-    ssim_scales: int = inference_field(3)
 
 
 @register_method("autoddpm")

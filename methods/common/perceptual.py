@@ -40,12 +40,15 @@ import logging
 import os
 import re
 from abc import abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from methods.base import inference_field
 
 log = logging.getLogger(__name__)
 
@@ -345,10 +348,25 @@ def perceptual_names() -> Sequence[str]:
 
 
 # ---------------------------------------------------------------------------------- method glue
+@dataclass
+class PerceptualConfig:
+    """The perceptual-distance knobs, shared by the configs of THOR and AutoDDPM.
+
+    Both authors' codes use LPIPS-SqueezeNet; without local weights ``auto`` falls back
+    to the SSIM substitute.
+    """
+
+    perceptual: str = inference_field("auto")  # auto | ssim | lpips | lpips-<net> | a directory
+    lpips_net: str = inference_field("squeeze")
+    lpips_weights: str | None = inference_field(None)  # lpips linear layers <net>.pth
+    lpips_backbone_weights: str | None = inference_field(None)  # torchvision trunk state dict
+    ssim_scales: int = inference_field(3)
+
+
 class PerceptualMixin:
-    """For methods whose config has ``perceptual``, ``lpips_net``, ``lpips_weights``,
-    ``lpips_backbone_weights`` and ``ssim_scales``: builds the distance lazily (rebuilt when
-    those inference knobs change) and writes its name into ``self.notes["perceptual"]``."""
+    """For methods whose config includes :class:`PerceptualConfig`: builds the distance
+    lazily (rebuilt when those inference knobs change) and writes its name into
+    ``self.notes["perceptual"]``."""
 
     def perceptual_distance(self) -> PerceptualDistance:
         c = self.config  # type: ignore[attr-defined]

@@ -48,7 +48,7 @@ import torch
 
 from methods.base import ConfigError, inference_field
 from methods.common.diffusion import QUICK_BACKBONE, TINY_BACKBONE, PixelDiffusionConfig, PixelDiffusionMethod
-from methods.common.perceptual import PerceptualMixin, gaussian_blur
+from methods.common.perceptual import PerceptualConfig, PerceptualMixin, gaussian_blur
 from methods.registry import register_method
 from methods.thor.maps import harmonic_mean, normalise_per_image, soft_mask
 
@@ -56,19 +56,13 @@ __all__ = ["THOR", "THORConfig"]
 
 
 @dataclass
-class THORConfig(PixelDiffusionConfig):
+class THORConfig(PixelDiffusionConfig, PerceptualConfig):
     t_start: int = inference_field(350)  # Gaussian noise level of the partial noising (of T = 1000)
     t_harmonization: tuple[int, ...] = inference_field((300, 150, 50))
     map_every: int = inference_field(50)  # step maps at every n-th step too (0 = harmonisation steps only)
     morph_kernel: int = inference_field(13)  # closing / dilation square, pixels at the internal size
     perceptual_sigma: float = inference_field(2.0)  # Gaussian smoothing of the perceptual map, pixels
     step_map_norm: str = inference_field("max")  # max (per image, authors) | none
-    # perceptual distance (methods.common.perceptual); THOR's code uses LPIPS-SqueezeNet
-    perceptual: str = inference_field("auto")  # auto | ssim | lpips | lpips-<net> | a directory
-    lpips_net: str = inference_field("squeeze")
-    lpips_weights: str | None = inference_field(None)  # lpips linear layers <net>.pth
-    lpips_backbone_weights: str | None = inference_field(None)  # torchvision trunk state dict
-    ssim_scales: int = inference_field(3)
 
 
 @register_method("thor")
