@@ -148,12 +148,23 @@ def comparison_table(frame: pd.DataFrame, section: str, protocol: str, published
         return None
     number = "2" if protocol == "S2" else "1"
     what = "per-image Max Dice by modality" if protocol == "S2" else "global Max Dice by lesion size"
-    table = Table(
-        slug=f"{section}_table{number}",
-        title=f"Table {number} layout — {what}",
-        kind="comparison",
+    table = _empty_table(f"{section}_table{number}", f"Table {number} layout — {what}", "comparison", "method", frame, protocol, published, status, short)
+    for method in sorted(base["method"].unique(), key=method_rank):
+        table.rows.extend(_score_rows(base[base["method"] == method], protocol, frame, published))
+    _run_tests(table)
+    return table
+
+
+def _empty_table(
+    table_slug: str, title: str, kind: str, row_header: str, frame: pd.DataFrame, protocol: str, published: Published, status: str, short: str
+) -> Table:
+    """A comparison or ablation table with the protocol's columns and its published block's captions."""
+    return Table(
+        slug=table_slug,
+        title=title,
+        kind=kind,
         protocol=protocol,
-        row_header="method",
+        row_header=row_header,
         columns=columns_for(protocol, frame),
         rows=[],
         headline="average",
@@ -161,10 +172,6 @@ def comparison_table(frame: pd.DataFrame, section: str, protocol: str, published
         published_status=status,
         published_short=short or status,
     )
-    for method in sorted(base["method"].unique(), key=method_rank):
-        table.rows.extend(_score_rows(base[base["method"] == method], protocol, frame, published))
-    _run_tests(table)
-    return table
 
 
 def ablation_tables(frame: pd.DataFrame, section: str, protocol: str, published: Published, status: str, short: str = "") -> list[Table]:
@@ -174,19 +181,8 @@ def ablation_tables(frame: pd.DataFrame, section: str, protocol: str, published:
         subset = frame[frame["method"] == method]
         if set(subset["variant"]) <= {"default"}:
             continue
-        table = Table(
-            slug=f"{section}_ablation_{slug(method)}",
-            title=f"Ablation of {display_name(method)} (Tables 3/4 layout)",
-            kind="ablation",
-            protocol=protocol,
-            row_header="variant",
-            columns=columns_for(protocol, frame),
-            rows=[],
-            headline="average",
-            published_caption=published.caption(protocol),
-            published_status=status,
-            published_short=short or status,
-        )
+        title = f"Ablation of {display_name(method)} (Tables 3/4 layout)"
+        table = _empty_table(f"{section}_ablation_{slug(method)}", title, "ablation", "variant", frame, protocol, published, status, short)
         variants = sorted(subset["variant"].unique(), key=lambda v: (v != "default", v))
         for variant in variants:
             table.rows.extend(_score_rows(subset[subset["variant"] == variant], protocol, frame, published))
