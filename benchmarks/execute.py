@@ -9,8 +9,10 @@ fingerprint + seed). It takes and returns plain data, so a Ray task can call it 
 from __future__ import annotations
 
 import json
+import os
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +34,7 @@ from benchmarks.records import (
 from datasets.format import SliceSet
 from methods.atomic import atomic_write_text
 from methods.base import UADMethod, config_to_dict, resolve_device, stable_hash
+from methods.progress import PROGRESS_ENV
 from methods.registry import create_method, get_method_class
 
 
@@ -82,6 +85,26 @@ def _splits(job: Job, protocol: Any) -> _Splits:
 
 def run_group(jobs: list[Job], ctx: RunContext) -> list[dict[str, Any]]:
     """Run jobs that share protocol, method, data, modality, seed and profile."""
+    with _progress_switch(ctx.progress):
+        return _run_group(jobs, ctx)
+
+
+@contextmanager
+def _progress_switch(enabled: bool):
+    """--no-progress hides every bar, the training loops' too (methods.progress reads the variable)."""
+    previous = os.environ.get(PROGRESS_ENV)
+    if not enabled:
+        os.environ[PROGRESS_ENV] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PROGRESS_ENV, None)
+        else:
+            os.environ[PROGRESS_ENV] = previous
+
+
+def _run_group(jobs: list[Job], ctx: RunContext) -> list[dict[str, Any]]:
     from protocols import get_protocol
 
     if ctx.threads:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from methods.atomic import atomic_torch_save, atomic_write_text
+from methods.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets.format import SliceSet
@@ -257,9 +258,7 @@ class UADMethod(ABC):
         batch = max(1, int(self.config.score_batch_size))
         starts = range(0, images_t.shape[0], batch)
         if progress:
-            from tqdm.auto import tqdm
-
-            starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+            starts = progress_bar(starts, desc=desc, unit="batch")
         for module in self.networks().values():
             module.eval()
         with torch.no_grad():

@@ -35,7 +35,9 @@ def test_run_writes_records_resumes_and_reuses_checkpoints(prepared, tmp_path, c
     variant = next(r for r in records if r["seed"] == 0 and r["variant"] != "default")
     assert variant["timings"]["reused_checkpoint"] is True and variant["training_key"] == first["training_key"]
     assert (out / "records" / "S1" / "tiny" / "ae" / Path(first["examples"]).name).exists() or any(out.rglob(first["examples"]))
-    assert "max_dice" in capsys.readouterr().out  # the summary table
+    captured = capsys.readouterr()
+    assert "max_dice" in captured.out  # the summary table
+    assert "fit ae" not in captured.err  # --no-progress hides the training bars too
 
     # A rerun skips finished jobs: records are not rewritten.
     stamps = {p: p.stat().st_mtime_ns for p in (out / "records").rglob("*.json")}

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from datasets.format import SliceSet
 from methods.base import MethodConfig, UADMethod
+from methods.progress import progress_bar
 from methods.registry import register_method
 
 
@@ -112,7 +112,7 @@ class AutoEncoder(UADMethod):
         generator = torch.Generator().manual_seed(cfg.seed)
         batch = min(cfg.batch_size, len(train))
         self.model.train()
-        bar = tqdm(range(cfg.epochs), desc="fit ae", unit="epoch", leave=False)
+        bar = progress_bar(range(cfg.epochs), desc="fit ae", unit="epoch")
         for _ in bar:
             total = 0.0
             for index in self.iterate_minibatches(len(train), batch, generator, drop_last=True):

@@ -34,11 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from methods.base import ConfigError, MethodConfig, UADMethod, inference_field
 from methods.common.backbone import backbone_kwargs, build_unet
 from methods.common.schedules import NoiseSchedule, make_schedule
+from methods.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets.format import SliceSet
@@ -307,7 +307,7 @@ class PixelDiffusionMethod(UADMethod):
         n = len(train)
         self.model.train()
         history: list[float] = []
-        bar = tqdm(range(c.epochs), desc=f"fit {self.name}", disable=not c.progress, leave=False)
+        bar = progress_bar(range(c.epochs), desc=f"fit {self.name}", unit="epoch", enabled=c.progress)
         for _epoch in bar:
             total, count = 0.0, 0
             for idx in self.iterate_minibatches(n, c.batch_size, cpu_gen):

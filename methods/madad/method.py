@@ -38,6 +38,7 @@ from methods.madad.masking import restrict_to_brain, sample_patch_masks
 from methods.madad.sampler import MaskedDDIMOutput, masked_ddim
 from methods.madad.unet import MaskedDenoiser
 from methods.madad.vae import SD_SCALING_FACTOR, build_vae, encode_stats, load_pretrained_grey_vae, train_vae, vae_arch
+from methods.progress import progress_bar
 from methods.registry import register_method
 
 
@@ -185,13 +186,16 @@ class MADAD(UADMethod):
 
     def _fit(self, train: SliceSet, val: Optional[SliceSet]) -> None:
         self._check_config()
+        gen = torch.Generator().manual_seed(self.config.seed)
+        self._fit_latent_space(train, gen)
+        self._fit_denoiser(train, gen)
+
+    def _fit_latent_space(self, train: SliceSet, gen: torch.Generator) -> None:
+        """Step 1: the VAE (adapted + fine-tuned, or trained here), then frozen."""
         c = self.config
         device = self.device
         channels = self.input_shape_[0]
-        gen = torch.Generator().manual_seed(c.seed)
         t0 = time.perf_counter()
-
-        # 1. Latent space.
         if c.vae_path:
             if channels != 1:
                 raise ConfigError(f"madad: a pretrained RGB VAE is adapted to one channel; the data have {channels}")
@@ -217,6 +221,10 @@ class MADAD(UADMethod):
         self.notes["vae_final_loss"] = history[-1] if history else None
         self.notes["vae_seconds"] = round(time.perf_counter() - t0, 2)
 
+    def _fit_denoiser(self, train: SliceSet, gen: torch.Generator) -> None:
+        """Steps 2-3 on the frozen VAE: latent normalisation, then the masked denoiser."""
+        c = self.config
+        device = self.device
         # 2. Latents of the training set (once, unless augmentation needs fresh encodings).
         cached: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         if c.aug_p <= 0:
@@ -278,8 +286,6 @@ class MADAD(UADMethod):
         return 1.0
 
     def _train_denoiser(self, train: SliceSet, cached, gen: torch.Generator, ema: Optional[nn.Module]) -> None:
-        from tqdm.auto import tqdm
-
         c = self.config
         device = self.device
         model = self.denoiser
@@ -289,7 +295,7 @@ class MADAD(UADMethod):
         hw = self._latent_hw
         probs = tuple(c.patch_size_probs) if c.patch_size_probs is not None else None
         losses: list[float] = []
-        bar = tqdm(range(c.epochs), desc="madad denoiser", unit="epoch", leave=False)
+        bar = progress_bar(range(c.epochs), desc="madad denoiser", unit="epoch")
         for epoch in bar:
             total, parts, count = 0.0, np.zeros(2), 0
             for idx in self.iterate_minibatches(len(train), c.batch_size, gen):

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import nn
 
+from methods.progress import progress_bar
+
 log = logging.getLogger(__name__)
 
 SD_SCALING_FACTOR = 0.18215
@@ -149,8 +151,6 @@ def train_vae(
     hinge PatchGAN term after ``adversarial_start_epoch`` if ``adversarial_weight > 0``.
     Returns the mean loss per epoch.
     """
-    from tqdm.auto import tqdm
-
     if rec_loss not in ("l1", "l2"):
         raise ValueError(f"vae_rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
     vae.to(device).train()
@@ -160,7 +160,7 @@ def train_vae(
         disc = PatchDiscriminator().to(device)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     history = []
-    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", leave=False):
+    for epoch in progress_bar(range(epochs), desc=desc, unit="epoch"):
         total, count = 0.0, 0
         for x in batches(epoch):
             x = x.to(device)
