@@ -209,7 +209,7 @@ def validate(method: str, profile: str, overrides: dict[str, Any], what: str) ->
 
     try:
         create_method(method, profile, **overrides)
-    except (ConfigError, TypeError, ValueError) as exc:
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"{what}: {exc}") from exc
 
 
@@ -247,7 +247,7 @@ def run_grid(args: argparse.Namespace, setup: Setup) -> list[dict[str, Any]]:
         raise UsageError("give at least one --grid KNOB=V1,V2 (or --search random with --space)")
     variants = [with_base(v, setup.base) for v in grid_variants(grid, include_default=not args.no_default)]
     for variant in variants:
-        validate(setup.method, setup.profile, variant.as_dict, f"--grid variant {variant.name}")
+        validate(setup.method, *variant.resolve(setup.profile), f"--grid variant {variant.name}")
     jobs = build_jobs(setup.protocol, [setup.method], setup.data, setup.data_name, setup.modalities, setup.seeds, setup.profile, {setup.method: variants})
     print(
         f"ablate: {setup.method} on {setup.protocol} ({', '.join(setup.modalities)}), profile {setup.profile}: "

@@ -133,7 +133,8 @@ def _run_group(jobs: list[Job], ctx: RunContext) -> list[dict[str, Any]]:
 
 def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained: dict) -> dict[str, Any]:
     device = str(resolve_device(ctx.device))
-    method = create_method(job.method, job.profile, seed=job.seed, device=device, **job.variant.as_dict)
+    profile, overrides = job.variant.resolve(job.profile)
+    method = create_method(job.method, profile, seed=job.seed, device=device, **overrides)
     key = stable_hash({"training": method.training_key(), "data": splits.train.fingerprint(), "modality": job.modality})
     checkpoint = Path(ctx.checkpoints) / job.method / key
     fitted, fit_info = _fitted_method(method, key, checkpoint, splits, trained)

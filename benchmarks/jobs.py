@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 DEFAULT_VARIANT = "default"
+PROFILE_KNOB = "profile"  # a variant knob naming another profile, not a config field
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,13 @@ class Variant:
     @property
     def as_dict(self) -> dict[str, Any]:
         return dict(self.overrides)
+
+    def resolve(self, run_profile: str) -> tuple[str, dict[str, Any]]:
+        """(profile, field overrides): the reserved knob ``profile`` swaps the named profile the
+        overrides apply to (``madad:profile=official-quick`` compares presets as ablation rows
+        of the run's section); every other knob is a config field."""
+        overrides = self.as_dict
+        return str(overrides.pop(PROFILE_KNOB, run_profile)), overrides
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,8 @@ def parse_variants(specs: Iterable[str], methods: Iterable[str]) -> dict[str, li
 
     Each flag is ``METHOD:KNOB=V1,V2[,...]`` and adds one variant per value (one knob at a
     time, as the paper's ablation tables do); several knobs in one variant are joined with
-    ``+``: ``madad:ddim_steps=2+gamma=none``. The default variant is always kept.
+    ``+``: ``madad:ddim_steps=2+gamma=none``. The knob ``profile`` names another profile of
+    the method (``madad:profile=official-quick``). The default variant is always kept.
     """
     methods = list(methods)
     result: dict[str, list[Variant]] = {m: [Variant()] for m in methods}

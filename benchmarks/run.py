@@ -242,8 +242,9 @@ def _validate_variants(variants: dict, profile: str) -> None:
     for method, items in variants.items():
         for variant in items:
             try:
-                create_method(method, profile, **variant.as_dict)
-            except (ConfigError, TypeError, ValueError) as exc:
+                variant_profile, overrides = variant.resolve(profile)
+                create_method(method, variant_profile, **overrides)
+            except (ConfigError, KeyError, TypeError, ValueError) as exc:
                 raise UsageError(f"variant {method}:{variant.name}: {exc}") from exc
 
 

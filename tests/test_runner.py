@@ -78,3 +78,27 @@ def test_missing_data_path_is_named(tmp_path, capsys):
 def test_list_methods(capsys):
     assert main(["--list-methods"]) == 0
     assert "ae" in capsys.readouterr().out
+
+
+def test_profile_variant_is_an_ablation_row_of_the_run_profile(prepared, tmp_path):
+    """``METHOD:profile=NAME`` trains that preset and files it next to the run's default row."""
+    out = tmp_path / "run"
+    argv = ["--protocol", "S1", "--methods", "ae", "--profile", "tiny", "--data", str(prepared), "--out", str(out), "--no-progress",
+            "--variants", "ae:profile=quick", "--set", "ae:epochs=1"]
+    assert main(argv) == 0
+    records = {r["variant"]: r for r in _records(out)}
+    assert set(records) == {"default", "profile=quick"}
+    default, preset = records["default"], records["profile=quick"]
+    assert preset["profile"] == default["profile"] == "tiny"  # same leaderboard section
+    assert preset["config"]["image_size"] == 64 and default["config"]["image_size"] == 32  # quick's sizes
+    assert preset["config"]["epochs"] == default["config"]["epochs"] == 1  # --set still applies on top
+    assert preset["training_key"] != default["training_key"]
+
+
+def test_unknown_profile_variant_is_a_usage_error(prepared, tmp_path, capsys):
+    argv = ["--protocol", "S1", "--methods", "ae", "--profile", "tiny", "--data", str(prepared), "--out", str(tmp_path / "r"), "--variants", "ae:profile=fastest"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "ae:profile=fastest" in err and "fastest" in err

@@ -163,7 +163,8 @@ def training_signature(job: Job) -> tuple | None:
     from methods.registry import create_method
 
     try:
-        key = create_method(job.method, job.profile, seed=job.seed, **job.variant.as_dict).training_key()
+        profile, overrides = job.variant.resolve(job.profile)
+        key = create_method(job.method, profile, seed=job.seed, **overrides).training_key()
     except Exception:
         return None  # the task will fail and record why
     return (job.method, job.data, job.modality, key)
