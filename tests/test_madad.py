@@ -206,23 +206,28 @@ def test_notes_and_training_key(fitted: MADAD) -> None:
     assert MADAD.from_profile("tiny", mask_loss_weight=0.5).training_key() != key
 
 
-@pytest.mark.parametrize("norm", ["channel", "global"])
+@pytest.mark.parametrize("norm", ["channel", "global", "whiten"])
 def test_latent_normalisation_gives_unit_variance_training_latents(tiny_data, norm: str) -> None:
     """The diffusion latents (posterior samples) of the training slices: per channel zero mean
-    and unit std ("channel"), or unit std over all elements ("global"); decoding inverts it."""
+    and unit std ("channel"), identity channel covariance ("whiten"), or unit std over all
+    elements ("global"); decoding inverts it."""
     train, _ = tiny_data
     m = MADAD.from_profile("tiny", device="cpu", latent_norm=norm, epochs=0).fit(train)
     with torch.no_grad():
         dist = m.vae.encode(m._to_vae(torch.from_numpy(np.asarray(train.images)))).latent_dist
     sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(1))
     z = m._normalise(sample)
-    if norm == "channel":
-        assert m.latent_scale_ == 1.0 and m.latent_mean_ is not None
-        torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(z.shape[1]), atol=0.1, rtol=0)
-        torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(z.shape[1]), atol=0.1, rtol=0)
-    else:
+    if norm == "global":
         assert m.latent_mean_ is None
         assert z.std().item() == pytest.approx(1.0, abs=0.1)
+    else:
+        assert m.latent_scale_ == 1.0 and m.latent_mean_ is not None
+        torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(z.shape[1]), atol=0.1, rtol=0)
+        flat = z.permute(1, 0, 2, 3).reshape(z.shape[1], -1)
+        cov = torch.cov(flat)
+        torch.testing.assert_close(cov.diagonal(), torch.ones(z.shape[1]), atol=0.15, rtol=0)
+        if norm == "whiten":  # channels decorrelated too
+            torch.testing.assert_close(cov, torch.eye(z.shape[1]), atol=0.15, rtol=0)
     torch.testing.assert_close(m._denormalise(z), sample, atol=1e-4, rtol=1e-4)
 
 

@@ -21,7 +21,7 @@ STARTS = ("sample", "posterior_mean")
 SOURCES = ("image_diff", "latent_diff", "mean_mask")
 REFERENCES = ("input", "vae_reconstruction")
 LR_SCHEDULES = ("constant", "cosine")
-LATENT_NORMS = ("channel", "global")
+LATENT_NORMS = ("global", "channel", "whiten")
 
 
 @dataclass

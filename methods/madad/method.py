@@ -42,6 +42,19 @@ from methods.progress import progress_bar
 from methods.registry import register_method
 
 
+def latent_affine(sample: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, A) so that ``A (z - mean)`` has zero mean and, per channel ("channel"), unit
+    std or ("whiten", ZCA) identity channel covariance over the ``N x C x h x w`` sample."""
+    flat = sample.double().permute(1, 0, 2, 3).reshape(sample.shape[1], -1)  # C x (N h w)
+    mean = flat.mean(1)
+    if norm == "channel":
+        matrix = torch.diag(1.0 / flat.std(1).clamp(min=1e-6))
+    else:
+        eigval, eigvec = torch.linalg.eigh(torch.cov(flat))
+        matrix = eigvec @ torch.diag(eigval.clamp(min=1e-12).rsqrt()) @ eigvec.T
+    return mean.float(), matrix.float()
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"madad: {name} must be one of {allowed}, got {value!r}")
@@ -59,9 +72,9 @@ class MADAD(UADMethod):
         self.vae: Optional[nn.Module] = None
         self.denoiser: Optional[MaskedDenoiser] = None
         self.latent_scale_: Optional[float] = None
-        # per-channel affine of latent_norm="channel" (None: only the global latent_scale_)
+        # affine of latent_norm "channel"/"whiten": z -> A (z - mean) (None: only latent_scale_)
         self.latent_mean_: Optional[torch.Tensor] = None
-        self.latent_std_: Optional[torch.Tensor] = None
+        self.latent_matrix_: Optional[torch.Tensor] = None  # A, C x C (diagonal for "channel")
         self._score_index = 0  # running slice index within one score() call (noise seeds)
 
     # ------------------------------------------------------------------ config checks
@@ -155,27 +168,34 @@ class MADAD(UADMethod):
         return {"vae": self.vae, "denoiser": self.denoiser}
 
     def extra_state(self) -> dict[str, Any]:
-        as_list = lambda t: None if t is None else [float(v) for v in t]  # noqa: E731
-        return {"latent_scale": self.latent_scale_, "latent_mean": as_list(self.latent_mean_), "latent_std": as_list(self.latent_std_)}
+        as_list = lambda t: None if t is None else t.tolist()  # noqa: E731
+        return {"latent_scale": self.latent_scale_, "latent_mean": as_list(self.latent_mean_), "latent_matrix": as_list(self.latent_matrix_)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.latent_scale_ = float(state["latent_scale"])
         as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float32)  # noqa: E731
         self.latent_mean_ = as_tensor(state.get("latent_mean"))
-        self.latent_std_ = as_tensor(state.get("latent_std"))
+        self.latent_matrix_ = as_tensor(state.get("latent_matrix"))
+        if self.latent_matrix_ is None and state.get("latent_std") is not None:  # checkpoints before "whiten"
+            self.latent_matrix_ = torch.diag(1.0 / as_tensor(state["latent_std"]))
 
     # ------------------------------------------------------------------ latent normalisation
+    @staticmethod
+    def _mix(matrix: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Apply a C x C matrix to the channels of ``B x C x h x w`` latents."""
+        return torch.einsum("dc,bchw->bdhw", matrix.to(z), z)
+
     def _normalise(self, z: torch.Tensor) -> torch.Tensor:
-        """VAE latent -> diffusion latent: ``((z - mean_c) / std_c) * latent_scale_``."""
+        """VAE latent -> diffusion latent: ``A (z - mean) * latent_scale_``."""
         if self.latent_mean_ is not None:
-            z = (z - self.latent_mean_.to(z).view(1, -1, 1, 1)) / self.latent_std_.to(z).view(1, -1, 1, 1)
+            z = self._mix(self.latent_matrix_, z - self.latent_mean_.to(z).view(1, -1, 1, 1))
         return z * self.latent_scale_
 
     def _denormalise(self, z: torch.Tensor) -> torch.Tensor:
         """Inverse of ``_normalise`` (what the VAE decoder takes)."""
         z = z / self.latent_scale_
         if self.latent_mean_ is not None:
-            z = z * self.latent_std_.to(z).view(1, -1, 1, 1) + self.latent_mean_.to(z).view(1, -1, 1, 1)
+            z = self._mix(torch.linalg.inv(self.latent_matrix_.double()).float(), z) + self.latent_mean_.to(z).view(1, -1, 1, 1)
         return z
 
     # ------------------------------------------------------------------ training
@@ -236,7 +256,7 @@ class MADAD(UADMethod):
                     means.append(m.cpu())
                     stds.append(s.cpu())
             cached = (torch.cat(means), torch.cat(stds))
-        self.latent_mean_ = self.latent_std_ = None
+        self.latent_mean_ = self.latent_matrix_ = None
         if c.latent_scale is not None:
             self.latent_scale_ = float(c.latent_scale)
         elif c.vae_path:
@@ -249,16 +269,15 @@ class MADAD(UADMethod):
             else:
                 m, s = cached
             sample = (m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(c.seed)).to(m)).float().cpu()
-            if c.latent_norm == "channel":
-                self.latent_mean_ = sample.mean((0, 2, 3))
-                self.latent_std_ = sample.std((0, 2, 3)).clamp(min=1e-6)
-                self.latent_scale_ = 1.0
-            else:
+            if c.latent_norm == "global":
                 self.latent_scale_ = float(1.0 / sample.std().clamp(min=1e-6))
+            else:
+                self.latent_mean_, self.latent_matrix_ = latent_affine(sample, c.latent_norm)
+                self.latent_scale_ = 1.0
         self.notes["latent_scale"] = self.latent_scale_
         if self.latent_mean_ is not None:
             self.notes["latent_channel_mean"] = [round(float(v), 5) for v in self.latent_mean_]
-            self.notes["latent_channel_std"] = [round(float(v), 5) for v in self.latent_std_]
+            self.notes["latent_matrix"] = [[round(float(v), 5) for v in row] for row in self.latent_matrix_]
 
         # 3. Denoiser on the masked forward process.
         self.abar = alphas_cumprod(c.schedule, c.timesteps)
