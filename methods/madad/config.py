@@ -48,12 +48,15 @@ class MadadConfig(MethodConfig):
     vae_adversarial_weight: float = 0.0
     vae_adversarial_start_epoch: int = 0
     latent_scale: Optional[float] = None  # None: 0.18215 (SD VAE config) if pretrained, else set by latent_norm
-    # VAE trained here, latent_scale None: "global" = z / std (one scalar, no shift; LDM practice),
-    # "channel" = per-channel (z - mean_c) / std_c of the training latents. A from-scratch VAE's
-    # channels can have means several of their own stds from 0; one global scalar then leaves each
-    # channel's spread below the N(0, 1) noise of eq. 2. "channel" did not raise Max Dice in the
-    # quick runs (README, "Diagnosis"), so "global" stays the default.
-    latent_norm: str = "global"
+    # VAE trained here, latent_scale None (a pretrained SD VAE keeps its own scaling_factor):
+    # "whiten" = ZCA over the latent channels, A (z - mean) with identity channel covariance
+    # (ours, default); "channel" = (z - mean_c) / std_c; "global" = z / std (one scalar, LDM
+    # practice). Why whiten: the from-scratch VAE's channels are correlated, with means several
+    # of their own stds from 0; eq. 2's N(0, I) noise is then told apart from content by its
+    # channel statistics alone, the mask head learns that shortcut and never flags a lesion
+    # (README, "Diagnosis"). Whitened latents share the noise's first two moments, so the head
+    # must judge a cell against its context, which is what transfers to anomalies.
+    latent_norm: str = "whiten"
     train_latent: str = "sample"  # "sample" (LDM convention) | "posterior_mean"
 
     # ------------------------------------------------------------------ denoiser
@@ -114,7 +117,7 @@ _QUICK_SIZES: dict[str, Any] = {
     "vae_block_out_channels": (16, 32, 64),
     "vae_layers_per_block": 1,
     "vae_norm_groups": 8,
-    "vae_epochs": 12,
+    "vae_epochs": 30,  # 12 left healthy error above gamma (README, "Diagnosis")
     "vae_finetune_epochs": 2,
     "vae_lr": 1e-3,
     "vae_batch_size": 16,
