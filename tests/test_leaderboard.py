@@ -98,6 +98,9 @@ def make_fake_runs(root: Path) -> Path:
                         folder.mkdir(parents=True, exist_ok=True)
                         rec["examples"] = _fake_examples(folder / f"{stem}.examples.npz", method, method == "ae")
                     _write(folder / f"{stem}.json", rec)
+    # a preset compared on one modality only: its row has no cell in the other columns
+    partial = _record("S2", "madad", "FLAIR", 0, "paper", {"max_dice": 0.55, "auroc": 0.9}, "profile=official")
+    _write(runs / "a" / "records" / "S2" / "paper" / "madad" / "embedded-FLAIR__seed0__profile=official.json", partial)
     for modality, value in (("FLAIR", 0.12), ("T1", 0.08)):  # quick profile, other runs folder
         _write(runs / "b" / f"quick-ae-{modality}.json", _record("S2", "ae", modality, 0, "quick", {"max_dice": value}))
     for method, base in (("ae", 0.20), ("madad", 0.50)):
@@ -183,8 +186,9 @@ def test_ablation_has_variants_with_published_labels(built: Path) -> None:
     assert _row(ours, "MAD-AD [ddim_steps=2]")[1] == "70.0 ± 1.4"  # FLAIR 0.69, 0.71 (seeds 0, 1)
     assert _row(published, "MAD-AD [ddim_steps=2]")[1:] == ["75.3", "70.1", "68.5", "62.3", "69.0"]
     assert _row(published, "MAD-AD [source=latent_diff]")[-1] == "68.6"
+    assert _row(ours, "MAD-AD [profile=official]")[1:5] == ["55.0", "–", "–", "–"]  # FLAIR only
     csv = pd.read_csv(built / "tables" / "s2_embedded_paper_ablation_madad.csv")
-    assert sorted(csv["variant"]) == ["ddim_steps=2", "default", "gamma=none", "source=latent_diff"]
+    assert sorted(csv["variant"]) == ["ddim_steps=2", "default", "gamma=none", "profile=official", "source=latent_diff"]
 
 
 def test_s1_table_and_too_few_pairs(built: Path) -> None:

@@ -425,8 +425,9 @@ def to_markdown(table: Table) -> str:
         n = row.n_seeds
         cells = []
         for column in table.columns:
-            text = format_cell(row.cells.get(column), table.decimals, n)
-            if column in best and row.cells[column].n and round(row.cells[column].mean, table.decimals) == best[column]:
+            cell = row.cells.get(column)  # None: this row has no job for the column (e.g. one modality only)
+            text = format_cell(cell, table.decimals, n)
+            if column in best and cell is not None and cell.n and round(cell.mean, table.decimals) == best[column]:
                 text = f"**{text}**"
             cells.append(text)
         line = [row.label, *cells, str(n), *[row.extra.get(c, "") for c in table.extra_columns]]
