@@ -51,7 +51,9 @@ def latent_affine(sample: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.
         matrix = torch.diag(1.0 / flat.std(1).clamp(min=1e-6))
     else:
         eigval, eigvec = torch.linalg.eigh(torch.cov(flat))
-        matrix = eigvec @ torch.diag(eigval.clamp(min=1e-12).rsqrt()) @ eigvec.T
+        # a collapsed latent direction must not be blown up to unit variance (it carries no signal)
+        eigval = eigval.clamp(min=1e-6 * float(eigval.max().clamp(min=1e-12)))
+        matrix = eigvec @ torch.diag(eigval.rsqrt()) @ eigvec.T
     return mean.float(), matrix.float()
 
 
