@@ -51,7 +51,7 @@ def latent_affine(sample: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.
         matrix = torch.diag(1.0 / flat.std(1).clamp(min=1e-6))
     else:
         eigval, eigvec = torch.linalg.eigh(torch.cov(flat))
-        # a collapsed latent direction must not be blown up to unit variance (it carries no signal)
+        # bounded gain: a (near-)collapsed latent direction is amplified at most 1000x more than the widest
         eigval = eigval.clamp(min=1e-6 * float(eigval.max().clamp(min=1e-12)))
         matrix = eigvec @ torch.diag(eigval.rsqrt()) @ eigvec.T
     return mean.float(), matrix.float()
