@@ -53,7 +53,7 @@ class MadadConfig(MethodConfig):
     # (ours, default); "channel" = (z - mean_c) / std_c; "global" = z / std (one scalar, LDM
     # practice). Why whiten: the from-scratch VAE's channels are correlated, with means several
     # of their own stds from 0; eq. 2's N(0, I) noise is then told apart from content by its
-    # channel statistics alone, the mask head learns that shortcut and never flags a lesion
+    # channel statistics alone, the mask head learns that shortcut and rarely flags a lesion
     # (README, "Diagnosis"). Whitened latents share the noise's first two moments, so the head
     # must judge a cell against its context, which is what transfers to anomalies.
     latent_norm: str = "whiten"
