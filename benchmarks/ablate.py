@@ -33,7 +33,7 @@ from benchmarks.execute import RunContext, data_name
 from benchmarks.executors import EXECUTORS, get_executor
 from benchmarks.jobs import DEFAULT_VARIANT, Job, Variant, build_jobs, group_jobs
 from benchmarks.plugins import load_plugins
-from benchmarks.run import UsageError, parse_seeds, resolve_data, resolve_methods, resolve_profile, summary_table
+from benchmarks.run import UsageError, parse_seeds, resolve_data, resolve_methods, resolve_profile, summary_table, validate_config
 from methods.base import ConfigError
 
 SPACE_KINDS = ("loguniform", "uniform", "randint", "choice")
@@ -203,16 +203,6 @@ def _setup(args: argparse.Namespace) -> Setup:
     return Setup(protocol.name, method, profile, spec, data_name(spec), modalities, seeds, base, ctx, out)
 
 
-def validate(method: str, profile: str, overrides: dict[str, Any], what: str) -> None:
-    """Fail before any training if a knob is unknown (the error lists the valid fields)."""
-    from methods.registry import create_method
-
-    try:
-        create_method(method, profile, **overrides)
-    except (ConfigError, KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"{what}: {exc}") from exc
-
-
 def with_base(variant: Variant, base: dict[str, str]) -> Variant:
     return Variant(variant.name, tuple({**base, **variant.as_dict}.items())) if base else variant
 
@@ -247,7 +237,7 @@ def run_grid(args: argparse.Namespace, setup: Setup) -> list[dict[str, Any]]:
         raise UsageError("give at least one --grid KNOB=V1,V2 (or --search random with --space)")
     variants = [with_base(v, setup.base) for v in grid_variants(grid, include_default=not args.no_default)]
     for variant in variants:
-        validate(setup.method, *variant.resolve(setup.profile), f"--grid variant {variant.name}")
+        validate_config(setup.method, *variant.resolve(setup.profile), f"--grid variant {variant.name}")
     jobs = build_jobs(setup.protocol, [setup.method], setup.data, setup.data_name, setup.modalities, setup.seeds, setup.profile, {setup.method: variants})
     print(
         f"ablate: {setup.method} on {setup.protocol} ({', '.join(setup.modalities)}), profile {setup.profile}: "
@@ -297,7 +287,7 @@ def run_search(args: argparse.Namespace, setup: Setup) -> list[dict[str, Any]]:
     if len(set(knobs)) != len(knobs):
         raise UsageError("a knob is given twice across --space/--grid")
     example = {**setup.base, **{s.knob: s.example() for s in spaces}, **{k: v[0] for k, v in grid.items()}}
-    validate(setup.method, setup.profile, example, "--space/--grid")
+    validate_config(setup.method, setup.profile, example, "--space/--grid")
     param_space = {s.knob: s.to_tune() for s in spaces} | {k: tune.grid_search(v) for k, v in grid.items()}
     base_jobs = build_jobs(setup.protocol, [setup.method], setup.data, setup.data_name, setup.modalities, setup.seeds, setup.profile, {setup.method: [Variant()]})
 

@@ -108,10 +108,11 @@ def resolve_data(protocol: Any, data: str, modalities: str | None) -> tuple[str,
 
     spec = data if data == "embedded" else str(Path(data).resolve())
     try:
-        protocol.check_data(load_data(spec))
+        loaded = load_data(spec)
+        protocol.check_data(loaded)
     except (ProtocolDataError, FileNotFoundError, ValueError) as exc:
         raise UsageError(f"--data {data}: {exc}") from exc
-    available = protocol.modalities(load_data(spec))
+    available = protocol.modalities(loaded)
     if not modalities:
         return spec, available
     wanted = [m.strip() for m in modalities.split(",") if m.strip()]
@@ -235,17 +236,20 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _validate_variants(variants: dict, profile: str) -> None:
-    """Fail before any training if a variant names an unknown field or bad value."""
+def validate_config(method: str, profile: str, overrides: dict[str, Any], what: str) -> None:
+    """Fail before any training if a profile, knob or value is unknown (the error lists the valid ones)."""
     from methods.registry import create_method
 
+    try:
+        create_method(method, profile, **overrides)
+    except (ConfigError, KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"{what}: {exc}") from exc
+
+
+def _validate_variants(variants: dict, profile: str) -> None:
     for method, items in variants.items():
         for variant in items:
-            try:
-                variant_profile, overrides = variant.resolve(profile)
-                create_method(method, variant_profile, **overrides)
-            except (ConfigError, KeyError, TypeError, ValueError) as exc:
-                raise UsageError(f"variant {method}:{variant.name}: {exc}") from exc
+            validate_config(method, *variant.resolve(profile), f"variant {method}:{variant.name}")
 
 
 if __name__ == "__main__":
