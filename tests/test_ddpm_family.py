@@ -91,7 +91,7 @@ def test_paper_defaults_and_quick_scaling(name: str, t_paper: int) -> None:
     assert quick.t_start == scale_timestep(t_paper, 1000, quick.num_train_timesteps)
     assert (paper.schedule, paper.prediction_type, paper.loss) == (quick.schedule, quick.prediction_type, quick.loss)
     # the same noise level at the (scaled) start step: the quick betas are scaled with T
-    abar = [create_method(name, p).schedule.alphas_cumprod[create_method(name, p).config.t_start] for p in ("paper", "quick")]
+    abar = [m.schedule.alphas_cumprod[m.config.t_start] for m in (create_method(name, p) for p in ("paper", "quick"))]
     assert abs(float(abar[0]) - float(abar[1])) < 0.03
     if name == "pddpm":
         assert (paper.schedule, paper.prediction_type, paper.loss, paper.patch_size) == ("cosine", "sample", "l1", 48)
