@@ -33,7 +33,7 @@ from benchmarks.execute import RunContext, data_name
 from benchmarks.executors import EXECUTORS, get_executor
 from benchmarks.jobs import DEFAULT_VARIANT, Job, Variant, build_jobs, group_jobs
 from benchmarks.plugins import load_plugins
-from benchmarks.run import UsageError, parse_seeds, resolve_data, resolve_methods, resolve_profile, summary_table, validate_config
+from benchmarks.run import UsageError, check_finished_records, parse_seeds, resolve_data, resolve_methods, resolve_profile, summary_table, validate_config
 from methods.base import ConfigError
 
 SPACE_KINDS = ("loguniform", "uniform", "randint", "choice")
@@ -161,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--examples", type=int, default=4)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--replace-changed", action="store_true", help="rerun jobs whose finished records came from another config or data (the old records move to <out>/superseded/)")
     return p
 
 
@@ -239,6 +240,7 @@ def run_grid(args: argparse.Namespace, setup: Setup) -> list[dict[str, Any]]:
     for variant in variants:
         validate_config(setup.method, *variant.resolve(setup.profile), f"--grid variant {variant.name}")
     jobs = build_jobs(setup.protocol, [setup.method], setup.data, setup.data_name, setup.modalities, setup.seeds, setup.profile, {setup.method: variants})
+    check_finished_records(jobs, setup.out, replace=args.replace_changed)
     print(
         f"ablate: {setup.method} on {setup.protocol} ({', '.join(setup.modalities)}), profile {setup.profile}: "
         f"{len(variants)} variant(s) x {len(setup.modalities)} modality(ies) x {len(setup.seeds)} seed(s) = {len(jobs)} job(s); records in {setup.out}",
@@ -270,6 +272,28 @@ def _trial(config: dict[str, Any], base_jobs: list[Job], knobs: list[str], base:
     tune.report({metric: statistics.fmean(values), "n_jobs": len(records)})
 
 
+def _searched_jobs_on_disk(setup: Setup, base_jobs: list[Job], knobs: list[str]) -> list[Job]:
+    """The jobs of earlier trials over the same knobs whose records a rerun would skip."""
+    from benchmarks.records import read_record
+
+    if not base_jobs:
+        return []
+    cells = {(job.modality, job.seed): job for job in base_jobs}
+    jobs = []
+    for path in sorted(base_jobs[0].record_path(setup.out).parent.glob("*.json")):
+        record = read_record(path)
+        if record is None:
+            continue
+        overrides = record.get("variant_overrides") or {}
+        cell = cells.get((record.get("data", {}).get("modality"), record.get("seed")))
+        if cell is None or not set(knobs) <= set(overrides):
+            continue
+        variant = with_base(trial_variant(overrides, knobs), setup.base)
+        if variant.name == record["variant"]:
+            jobs.append(replace(cell, variant=variant))
+    return jobs
+
+
 def run_search(args: argparse.Namespace, setup: Setup) -> list[dict[str, Any]]:
     import ray
     from ray import tune
@@ -290,6 +314,7 @@ def run_search(args: argparse.Namespace, setup: Setup) -> list[dict[str, Any]]:
     validate_config(setup.method, setup.profile, example, "--space/--grid")
     param_space = {s.knob: s.to_tune() for s in spaces} | {k: tune.grid_search(v) for k, v in grid.items()}
     base_jobs = build_jobs(setup.protocol, [setup.method], setup.data, setup.data_name, setup.modalities, setup.seeds, setup.profile, {setup.method: [Variant()]})
+    check_finished_records(_searched_jobs_on_disk(setup, base_jobs, knobs), setup.out, replace=args.replace_changed)
 
     started = connect(args.address)
     try:

@@ -5,7 +5,10 @@
     python -m benchmarks.run --protocol S2 --methods madad --variants madad:ddim_steps=2,5,10
     python -m benchmarks.run --list-methods
 
-A rerun with the same --out skips finished jobs, so a killed run resumes.
+A rerun with the same --out skips finished jobs, so a killed run resumes. A finished
+record whose config or data differ from what its job would use now (after --set, a
+changed default or rebuilt data) stops the run before any work; --replace-changed moves
+such records to <out>/superseded/ and reruns their jobs.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retries", type=int, default=1, help="Ray: retries of a job whose task raised or whose worker died")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per job")
     parser.add_argument("--examples", type=int, default=4, help="test slices stored per record for the figures")
+    parser.add_argument("--replace-changed", action="store_true", help="rerun jobs whose finished records came from another config or data (the old records move to <out>/superseded/)")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing job instead of recording it")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--list-methods", action="store_true", help="list registered methods (built-in and plugins) and exit")
@@ -205,6 +209,7 @@ def _run(args: argparse.Namespace) -> int:
     checkpoints = Path(args.checkpoints).resolve() if args.checkpoints else out / "checkpoints"
     name = data_name(data_spec)
     jobs = build_jobs(protocol.name, methods, data_spec, name, modalities, seeds, profile, variants)
+    check_finished_records(jobs, out, replace=args.replace_changed)
     ctx = RunContext(
         out=str(out),
         checkpoints=str(checkpoints),
@@ -234,6 +239,22 @@ def _run(args: argparse.Namespace) -> int:
     failed = [r for r in records if r.get("status") != "ok"]
     print(f"\n{len(records) - len(failed)} job(s) ok, {len(failed)} failed, wall time {wall:.1f} s; records in {out}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def check_finished_records(jobs: list, out: Path, replace: bool) -> None:
+    """Refuse to skip a job on the strength of a record made with another config or data."""
+    from benchmarks.resume import changed_records, describe, supersede
+
+    changed = changed_records(jobs, out, lambda spec: load_data(spec).fingerprint())
+    if not changed:
+        return
+    if not replace:
+        raise UsageError(
+            describe(changed, out) + "\nRerun with --replace-changed to move them to "
+            f"{out / 'superseded'} and rerun those jobs, or write this run elsewhere with --out."
+        )
+    moved_to = supersede(changed, out)
+    print(describe(changed, out) + f"\nmoved to {moved_to}; those jobs rerun", file=sys.stderr)
 
 
 def validate_config(method: str, profile: str, overrides: dict[str, Any], what: str) -> None:

@@ -157,11 +157,15 @@ class UADMethod(ABC):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_profile(cls, profile: str = "paper", **overrides: Any) -> "UADMethod":
+    def config_for(cls, profile: str = "paper", **overrides: Any) -> MethodConfig:
+        """The config a named profile plus field overrides resolve to (no model is built)."""
         if profile not in cls.profiles:
             raise ConfigError(f"{cls.name or cls.__name__} has no profile {profile!r}; choose from {sorted(cls.profiles)}")
-        config = apply_overrides(cls.Config(), cls.profiles[profile])
-        return cls(apply_overrides(config, overrides))
+        return apply_overrides(apply_overrides(cls.Config(), cls.profiles[profile]), overrides)
+
+    @classmethod
+    def from_profile(cls, profile: str = "paper", **overrides: Any) -> "UADMethod":
+        return cls(cls.config_for(profile, **overrides))
 
     @property
     def device(self) -> torch.device:

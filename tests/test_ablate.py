@@ -69,6 +69,9 @@ def test_grid_runs_through_the_executor_and_inference_knobs_share_a_model(env, c
     assert "best configuration:" in capsys.readouterr().out
     assert main(argv) == 0  # a rerun resumes: nothing is trained or scored again
     assert len(toy_method.events(env["state"], "score")) == 5
+    with pytest.raises(SystemExit) as exc:  # records of other settings are not skipped silently
+        main([*argv, "--set", "gain=3"])
+    assert exc.value.code == 2 and "gain: 1.0 -> 3.0" in capsys.readouterr().err
 
 
 def test_search_mode_runs_tune_trials_into_the_same_records(env, capsys):
@@ -87,3 +90,6 @@ def test_search_mode_runs_tune_trials_into_the_same_records(env, capsys):
         assert record["config"]["width"] in (2, 4) and record["protocol"]["name"] == "S1"
     assert (out / "tune").is_dir()
     assert "best configuration: lr=" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # a rerun over other base settings stops before any trial
+        main([*argv, "--set", "gain=3"])
+    assert exc.value.code == 2 and "gain: 1.0 -> 3.0" in capsys.readouterr().err

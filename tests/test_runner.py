@@ -102,3 +102,37 @@ def test_unknown_profile_variant_is_a_usage_error(prepared, tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "ae:profile=fastest" in err and "fastest" in err
+
+
+def test_a_record_from_another_config_or_data_is_not_skipped_silently(prepared, tmp_path, capsys):
+    """Resume is by job, so a record made under other settings must stop the rerun (and
+    --replace-changed keeps it aside, never deletes it, and reruns the job)."""
+    from benchmarks.report.collect import load_records
+
+    out = tmp_path / "run"
+    base = ["--protocol", "S1", "--methods", "ae", "--profile", "tiny", "--data", str(prepared), "--out", str(out), "--no-progress"]
+    assert main([*base, "--set", "ae:epochs=1"]) == 0
+    record_path = next((out / "records").rglob("*.json"))
+    before = record_path.read_bytes()
+
+    with pytest.raises(SystemExit) as exc:
+        main([*base, "--set", "ae:epochs=2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "epochs: 1 -> 2" in err and record_path.name in err and "--replace-changed" in err
+    assert record_path.read_bytes() == before  # nothing touched
+
+    assert main([*base, "--set", "ae:epochs=2", "--replace-changed"]) == 0
+    assert json.loads(record_path.read_text())["config"]["epochs"] == 2
+    kept = list((out / "superseded").rglob(record_path.name))
+    assert len(kept) == 1 and kept[0].read_bytes() == before
+    assert list((out / "superseded").rglob("*.per_image.csv")) or list((out / "superseded").rglob("*.examples.npz"))
+    assert [r["config"]["epochs"] for r in load_records([out]).ok] == [2]  # reports skip superseded records
+
+    # The same config on other data (here: a fingerprint edited in the record) is flagged too.
+    record = json.loads(record_path.read_text())
+    record["data"]["fingerprint"] = "0" * 16
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(SystemExit):
+        main([*base, "--set", "ae:epochs=2"])
+    assert "data fingerprint: 0000000000000000 ->" in capsys.readouterr().err

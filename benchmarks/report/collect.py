@@ -13,6 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from benchmarks.records import SUPERSEDED_DIR
+
 KEY = ["protocol", "data", "profile", "method", "variant", "modality", "seed"]
 
 
@@ -34,6 +36,8 @@ def load_records(run_dirs: list[Path]) -> RecordSet:
             result.missing_dirs.append(directory)
             continue
         for path in sorted(directory.rglob("*.json")):
+            if SUPERSEDED_DIR in path.relative_to(directory).parts[:-1]:
+                continue  # records a rerun replaced (benchmarks/resume.py)
             record = _read(path, result)
             if record is None:
                 continue

@@ -120,7 +120,9 @@ _QUICK_SIZES: dict[str, Any] = {
     "vae_block_out_channels": (16, 32, 64, 64),
     "vae_layers_per_block": 1,
     "vae_norm_groups": 8,
-    "vae_epochs": 12,  # a sharper VAE (30) reconstructs the T2/FLAIR lesions too (README, "Diagnosis")
+    # 24 epochs: 12 left the VAE blurry (T1CE below the AE), 30 let it reconstruct the
+    # T2/FLAIR lesions too (README, "Diagnosis", points 3 and 7)
+    "vae_epochs": 24,
     "vae_finetune_epochs": 2,
     "vae_lr": 1e-3,
     "vae_batch_size": 16,

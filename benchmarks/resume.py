@@ -1,0 +1,99 @@
+"""Which finished records still answer their job, so that a rerun may skip them.
+
+A record's file name says which job it belongs to (method, data, modality, seed, variant),
+not which configuration produced it. A rerun after ``--set``, a changed profile default
+or a rebuilt data set would otherwise skip jobs whose records came from another config
+or other data. Here the record's stored config and data fingerprint are compared with
+what the job would use now; records that differ are reported, and on request moved
+under ``<out>/superseded/<time>/`` (kept, never deleted) so that their jobs rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from benchmarks.jobs import Job
+from benchmarks.records import SUPERSEDED_DIR, read_record
+from methods.base import config_to_dict
+
+_IGNORED_FIELDS = {"device"}  # the same job on another device is the same job
+_SIDECARS = (".per_image.csv", ".examples.npz")
+
+
+@dataclass(frozen=True)
+class ChangedRecord:
+    """A finished record whose config or data differ from what its job would use now."""
+
+    job: Job
+    path: Path
+    differences: tuple[str, ...]  # e.g. "vae_epochs: 12 -> 24"
+
+
+def job_config(job: Job) -> dict[str, Any]:
+    """The config ``job`` runs with, as the record stores it (JSON types)."""
+    from methods.registry import get_method_class
+
+    profile, overrides = job.variant.resolve(job.profile)
+    config = get_method_class(job.method).config_for(profile, seed=job.seed, **overrides)
+    return _comparable(config_to_dict(config))
+
+
+def changed_records(jobs: list[Job], out: Path, data_fingerprint: Callable[[str], str]) -> list[ChangedRecord]:
+    """Finished records under ``out`` that no longer match their job's config or data."""
+    changed = []
+    for job in jobs:
+        path = job.record_path(out)
+        record = read_record(path)
+        if record is None or record.get("status") != "ok":
+            continue  # missing or failed: the job runs anyway
+        differences = _config_differences(_comparable(record.get("config") or {}), job_config(job))
+        stored_data = (record.get("data") or {}).get("fingerprint")
+        current_data = data_fingerprint(job.data)
+        if stored_data != current_data:
+            differences.append(f"data fingerprint: {stored_data} -> {current_data}")
+        if differences:
+            changed.append(ChangedRecord(job, path, tuple(differences)))
+    return changed
+
+
+def describe(changed: list[ChangedRecord], out: Path, limit: int = 5) -> str:
+    lines = [f"{len(changed)} finished record(s) under {out} came from another config or data than their job would use now:"]
+    for item in changed[:limit]:
+        shown = "; ".join(item.differences[:4]) + ("; ..." if len(item.differences) > 4 else "")
+        lines.append(f"  {item.path.relative_to(out)}: {shown}")
+    if len(changed) > limit:
+        lines.append(f"  ... and {len(changed) - limit} more")
+    return "\n".join(lines)
+
+
+def supersede(changed: list[ChangedRecord], out: Path) -> Path:
+    """Move the changed records (and their per-image CSV and example files) aside; return where."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target_root = out / SUPERSEDED_DIR / stamp
+    for item in changed:
+        for path in [item.path, *(item.path.with_suffix(suffix) for suffix in _SIDECARS)]:
+            if path.is_file():
+                target = target_root / path.relative_to(out)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(path), str(target))
+    return target_root
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """JSON round trip (tuples -> lists, paths -> str), without the fields that do not matter."""
+    plain = json.loads(json.dumps(config, default=str))
+    return {k: v for k, v in plain.items() if k not in _IGNORED_FIELDS}
+
+
+def _config_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    missing = object()
+    return [
+        f"{name}: {stored.get(name, '(absent)')} -> {current.get(name, '(absent)')}"
+        for name in sorted(set(stored) | set(current))
+        if stored.get(name, missing) != current.get(name, missing)
+    ]
