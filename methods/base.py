@@ -75,8 +75,12 @@ def inference_field_names(config_cls: type[MethodConfig]) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("inference")}
 
 
-def _coerce(value: Any, current: Any, name: str) -> Any:
-    """Turn a string from the command line into the type of the field's current value."""
+def _coerce(value: Any, current: Any, name: str, annotation: str = "") -> Any:
+    """Turn a string from the command line into the type of the field's current value.
+
+    Tuples may be given as JSON (``[1, 2]``) or comma-separated (``1,2``); a string that
+    parses to nothing of the field's type is an error naming the field.
+    """
     if not isinstance(value, str) or isinstance(current, str):
         return value
     text = value.strip()
@@ -88,15 +92,24 @@ def _coerce(value: Any, current: Any, name: str) -> Any:
         if text.lower() in {"false", "0", "no"}:
             return False
         raise ConfigError(f"{name}: expected a boolean, got {value!r}")
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
-        parsed = text
-    if isinstance(current, tuple) and isinstance(parsed, list):
+    parsed = _parse_scalar(text)
+    wants_tuple = isinstance(current, tuple) or "tuple" in annotation
+    if wants_tuple and isinstance(parsed, (str, int, float)) and not isinstance(parsed, bool):
+        parsed = [_parse_scalar(part.strip()) for part in text.split(",")]  # "1,2" or a single "4"
+    if wants_tuple and isinstance(parsed, list):
         return tuple(parsed)
     if isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
         return float(parsed)
+    if isinstance(parsed, str) and current is not None:
+        raise ConfigError(f"{name}: expected a {type(current).__name__} like {current!r}, got {value!r}")
     return parsed
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def apply_overrides(config: MethodConfig, overrides: Mapping[str, Any]) -> MethodConfig:
@@ -108,7 +121,8 @@ def apply_overrides(config: MethodConfig, overrides: Mapping[str, Any]) -> Metho
             f"{type(config).__name__} has no field(s) {', '.join(unknown)}; "
             f"valid fields: {', '.join(sorted(valid))}"
         )
-    values = {k: _coerce(v, getattr(config, k), k) for k, v in overrides.items()}
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(config)}
+    values = {k: _coerce(v, getattr(config, k), k, annotations[k]) for k, v in overrides.items()}
     return dataclasses.replace(config, **values)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ class _ToyConfig(MethodConfig):
     width: int = 4
     factor: float = 1.0
     sizes: tuple[int, ...] = (1, 2)
+    probs: Optional[tuple[float, ...]] = None
     gain: float = inference_field(1.0)
 
 
@@ -59,6 +61,16 @@ def test_overrides_coerce_strings_and_reject_unknown_fields():
     assert cfg.width == 8 and cfg.factor == 2.0 and isinstance(cfg.factor, float) and cfg.sizes == (3, 4) and cfg.gain is None
     with pytest.raises(ConfigError, match="no field.*nope"):
         apply_overrides(_ToyConfig(), {"nope": 1})
+
+
+
+def test_tuple_fields_take_comma_separated_values_and_bad_strings_name_the_field():
+    """``--set madad:patch_sizes=1,2`` must not reach the config as the string "1,2"."""
+    cfg = apply_overrides(_ToyConfig(), {"sizes": "1,2,4", "probs": "0.75, 0.25"})
+    assert cfg.sizes == (1, 2, 4) and cfg.probs == (0.75, 0.25)  # probs: None by default, typed by its annotation
+    assert apply_overrides(_ToyConfig(), {"sizes": "8"}).sizes == (8,)
+    with pytest.raises(ConfigError, match="factor: expected a float like 1.0, got 'abc'"):
+        apply_overrides(_ToyConfig(), {"factor": "abc"})
 
 
 def test_profiles_and_training_key_ignore_inference_fields():
