@@ -10,6 +10,7 @@ from typing import Any, Iterable
 
 DEFAULT_VARIANT = "default"
 PROFILE_KNOB = "profile"  # a variant knob naming another profile, not a config field
+SUPERSEDED_DIR = "superseded"  # records a rerun replaced (benchmarks/resume.py); reports skip it
 
 
 @dataclass(frozen=True)

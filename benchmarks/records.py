@@ -15,7 +15,6 @@ from typing import Any
 from methods.atomic import atomic_write_text
 
 SCHEMA_VERSION = 1
-SUPERSEDED_DIR = "superseded"  # records a rerun replaced (benchmarks/resume.py); reports skip it
 _PACKAGES = ("torch", "monai", "diffusers", "numpy", "scipy", "scikit-learn", "pandas", "ray", "nibabel", "nilearn")
 
 

@@ -17,8 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from benchmarks.jobs import Job
-from benchmarks.records import SUPERSEDED_DIR, read_record
+from benchmarks.jobs import SUPERSEDED_DIR, Job
+from benchmarks.records import read_record
 from methods.base import config_to_dict
 
 _IGNORED_FIELDS = {"device"}  # the same job on another device is the same job

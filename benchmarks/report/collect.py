@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from benchmarks.records import SUPERSEDED_DIR
+from benchmarks.jobs import SUPERSEDED_DIR
 
 KEY = ["protocol", "data", "profile", "method", "variant", "modality", "seed"]
 
