@@ -29,7 +29,6 @@ _SIDECARS = (".per_image.csv", ".examples.npz")
 class ChangedRecord:
     """A finished record whose config or data differ from what its job would use now."""
 
-    job: Job
     path: Path
     differences: tuple[str, ...]  # e.g. "vae_epochs: 12 -> 24"
 
@@ -45,6 +44,7 @@ def job_config(job: Job) -> dict[str, Any]:
 
 def changed_records(jobs: list[Job], out: Path, data_fingerprint: Callable[[str], str]) -> list[ChangedRecord]:
     """Finished records under ``out`` that no longer match their job's config or data."""
+    fingerprints: dict[str, str] = {}  # per data spec: hashing a set's arrays is not free
     changed = []
     for job in jobs:
         path = job.record_path(out)
@@ -53,11 +53,13 @@ def changed_records(jobs: list[Job], out: Path, data_fingerprint: Callable[[str]
             continue  # missing or failed: the job runs anyway
         differences = _config_differences(_comparable(record.get("config") or {}), job_config(job))
         stored_data = (record.get("data") or {}).get("fingerprint")
-        current_data = data_fingerprint(job.data)
+        if job.data not in fingerprints:
+            fingerprints[job.data] = data_fingerprint(job.data)
+        current_data = fingerprints[job.data]
         if stored_data != current_data:
             differences.append(f"data fingerprint: {stored_data} -> {current_data}")
         if differences:
-            changed.append(ChangedRecord(job, path, tuple(differences)))
+            changed.append(ChangedRecord(path, tuple(differences)))
     return changed
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from benchmarks.execute import RunContext, data_name, load_data
 from benchmarks.executors import EXECUTORS, get_executor
-from benchmarks.jobs import build_jobs, parse_variants
+from benchmarks.jobs import SUPERSEDED_DIR, build_jobs, parse_variants
 from methods.base import ConfigError, resolve_device
 
 PROFILES_AUTO = "auto"
@@ -251,7 +251,7 @@ def check_finished_records(jobs: list, out: Path, replace: bool) -> None:
     if not replace:
         raise UsageError(
             describe(changed, out) + "\nRerun with --replace-changed to move them to "
-            f"{out / 'superseded'} and rerun those jobs, or write this run elsewhere with --out."
+            f"{out / SUPERSEDED_DIR} and rerun those jobs, or write this run elsewhere with --out."
         )
     moved_to = supersede(changed, out)
     print(describe(changed, out) + f"\nmoved to {moved_to}; those jobs rerun", file=sys.stderr)

@@ -63,7 +63,6 @@ def test_overrides_coerce_strings_and_reject_unknown_fields():
         apply_overrides(_ToyConfig(), {"nope": 1})
 
 
-
 def test_tuple_fields_take_comma_separated_values_and_bad_strings_name_the_field():
     """``--set madad:patch_sizes=1,2`` must not reach the config as the string "1,2"."""
     cfg = apply_overrides(_ToyConfig(), {"sizes": "1,2,4", "probs": "0.75, 0.25"})
