@@ -27,14 +27,15 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from benchmarks.execute import RunContext, data_name
 from benchmarks.executors import EXECUTORS, get_executor
 from benchmarks.jobs import DEFAULT_VARIANT, Job, Variant, build_jobs, group_jobs
 from benchmarks.plugins import load_plugins
 from benchmarks.run import UsageError, check_finished_records, parse_seeds, resolve_data, resolve_methods, resolve_profile, summary_table, validate_config
-from methods.base import ConfigError
+
+if TYPE_CHECKING:  # torch loads only after the arguments are parsed (fast --help)
+    from benchmarks.execute import RunContext
 
 SPACE_KINDS = ("loguniform", "uniform", "randint", "choice")
 
@@ -180,6 +181,7 @@ class Setup:
 
 
 def _setup(args: argparse.Namespace) -> Setup:
+    from benchmarks.execute import RunContext, data_name
     from protocols import get_protocol
 
     load_plugins()
@@ -366,6 +368,8 @@ def run_search(args: argparse.Namespace, setup: Setup) -> list[dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from methods.base import ConfigError
+
     try:
         if args.search is None and args.space:
             raise UsageError("--space needs --search random")

@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from benchmarks.execute import RunContext, data_name, load_data
 from benchmarks.executors import EXECUTORS, get_executor
 from benchmarks.jobs import SUPERSEDED_DIR, build_jobs, parse_variants
-from methods.base import ConfigError, resolve_device
+
+# torch, the methods and Ray are imported only once the arguments are parsed, so that
+# --help and argument errors answer at once.
 
 PROFILES_AUTO = "auto"
 
@@ -82,6 +83,7 @@ def resolve_methods(text: str) -> list[str]:
 
 
 def resolve_profile(profile: str, device: str, methods: list[str]) -> str:
+    from methods.base import resolve_device
     from methods.registry import get_method_class
 
     if profile == PROFILES_AUTO:
@@ -108,6 +110,7 @@ def parse_set_overrides(specs: list[str], methods: list[str]) -> dict[str, dict[
 
 def resolve_data(protocol: Any, data: str, modalities: str | None) -> tuple[str, list[str]]:
     """Check ``--data`` against the protocol; return its spec and the modalities to evaluate."""
+    from benchmarks.execute import load_data
     from protocols import ProtocolDataError
 
     spec = data if data == "embedded" else str(Path(data).resolve())
@@ -176,6 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.protocol is None:
         parser.error("--protocol is required (S1 or S2)")
+    from methods.base import ConfigError
+
     try:
         return _run(args)
     except (UsageError, ConfigError) as exc:
@@ -184,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from benchmarks.execute import RunContext, data_name
     from protocols import get_protocol
 
     methods = resolve_methods(args.methods)
@@ -243,6 +249,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def check_finished_records(jobs: list, out: Path, replace: bool) -> None:
     """Refuse to skip a job on the strength of a record made with another config or data."""
+    from benchmarks.execute import load_data
     from benchmarks.resume import changed_records, describe, supersede
 
     changed = changed_records(jobs, out, lambda spec: load_data(spec).fingerprint())
@@ -259,6 +266,7 @@ def check_finished_records(jobs: list, out: Path, replace: bool) -> None:
 
 def validate_config(method: str, profile: str, overrides: dict[str, Any], what: str) -> None:
     """Fail before any training if a profile, knob or value is unknown (the error lists the valid ones)."""
+    from methods.base import ConfigError
     from methods.registry import create_method
 
     try:
