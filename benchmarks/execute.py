@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.jobs import Job
+from benchmarks.progress import report_phase
 from benchmarks.records import (
     SCHEMA_VERSION,
     device_info,
@@ -117,6 +118,7 @@ def _run_group(jobs: list[Job], ctx: RunContext) -> list[dict[str, Any]]:
     if not pending:
         return [r for r in records if r is not None]
     protocol = get_protocol(jobs[0].protocol)
+    report_phase(_label(pending[0]), "build data")
     splits = _splits(jobs[0], protocol)
     trained: dict[str, tuple[UADMethod, dict[str, Any]]] = {}
     for job in pending:
@@ -137,15 +139,19 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
     method = create_method(job.method, profile, seed=job.seed, device=device, **overrides)
     key = stable_hash({"training": method.training_key(), "data": splits.train.fingerprint(), "modality": job.modality})
     checkpoint = Path(ctx.checkpoints) / job.method / key
+    report_phase(_label(job), "fit")
     fitted, fit_info = _fitted_method(method, key, checkpoint, splits, trained)
 
+    report_phase(_label(job), "score test")
     start = time.perf_counter()
     maps = fitted.score(splits.test.images, splits.test.brain_masks, progress=ctx.progress).numpy()
     score_seconds = time.perf_counter() - start
     val_maps = val_brain_masks = None
     if splits.val is not None and protocol.needs_val_maps:
+        report_phase(_label(job), "score validation")
         val_maps = fitted.score(splits.val.images, splits.val.brain_masks).numpy()
         val_brain_masks = np.asarray(splits.val.brain_masks)
+    report_phase(_label(job), "metrics")
     result = protocol.evaluate(maps, splits.test, val_maps=val_maps, val_brain_masks=val_brain_masks)
 
     record_path = job.record_path(Path(ctx.out))
@@ -179,6 +185,12 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
         "per_image": per_image_name,
         "checkpoint": str(checkpoint),
     }
+
+
+def _label(job: Job) -> str:
+    """A short name of a job for the status line."""
+    variant = "" if job.variant.name == "default" else f" {job.variant.name}"
+    return f"{job.method} {job.modality} seed {job.seed}{variant}"
 
 
 def _fitted_method(method: UADMethod, key: str, checkpoint: Path, splits: _Splits, trained: dict) -> tuple[UADMethod, dict]:

@@ -1,17 +1,43 @@
 """Live job progress: done / running / queued / failed and an ETA, on one status line.
 
 On a terminal the line is redrawn in place (``\\r``); in a log file (a cluster job, CI)
-one line is printed per change, at most every ``min_interval`` seconds, so logs stay
-readable. The ETA is the remaining job count divided by the rate of jobs finished *in
-this run* (jobs skipped because their records already existed do not count), so a
-resumed run does not promise a finish that is too early.
+one line is printed per change, at most every ``min_interval`` seconds, and otherwise
+every ``heartbeat`` seconds, so a long job never goes silent. The ETA is the remaining
+job count divided by the rate of jobs finished *in this run* (jobs skipped because their
+records already existed do not count), so a resumed run does not promise a finish that
+is too early.
+
+When jobs run in this process (the local executor), the line also names the running job,
+its phase (build data, fit, score, metrics, ...) and, from the phase's own progress bar
+(:func:`methods.progress.observe_progress`), how far it is and when the phase will end.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, TextIO
+from contextlib import contextmanager
+from typing import Callable, Iterator, TextIO
+
+#: ``(job label, phase)`` when a job in this process enters a phase.
+PhaseListener = Callable[[str, str], None]
+_phase_listener: PhaseListener | None = None
+
+
+def report_phase(job: str, phase: str) -> None:
+    """Say that ``job`` (a short label) enters ``phase``; a no-op unless a runner observes."""
+    if _phase_listener is not None:
+        _phase_listener(job, phase)
+
+
+@contextmanager
+def observe_phases(listener: PhaseListener) -> Iterator[None]:
+    global _phase_listener
+    previous, _phase_listener = _phase_listener, listener
+    try:
+        yield
+    finally:
+        _phase_listener = previous
 
 
 def format_seconds(seconds: float | None) -> str:
@@ -39,6 +65,7 @@ class JobProgress:
         stream: TextIO | None = None,
         desc: str = "jobs",
         min_interval: float = 1.0,
+        heartbeat: float = 30.0,
         inplace: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -52,7 +79,13 @@ class JobProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.desc = desc
         self.min_interval = min_interval
+        self.heartbeat = heartbeat
         self._clock = clock
+        # the job running in this process: its label, phase, and the phase's own progress
+        self.job: str | None = None
+        self.phase: str | None = None
+        self._phase_start = 0.0
+        self._step: tuple[str, int, int | None, str] | None = None
         self._start = clock()
         self._last_draw = float("-inf")
         self._last_counts: tuple = ()
@@ -92,6 +125,38 @@ class JobProgress:
             self.partial = partial
         self.draw()
 
+    def enter_phase(self, job: str, phase: str) -> None:
+        """The running job entered a new phase (a :data:`PhaseListener`)."""
+        self.job, self.phase, self._phase_start, self._step = job, phase, self._clock(), None
+        self.draw(force=True)
+
+    def on_step(self, desc: str, done: int, total: int | None, unit: str) -> None:
+        """A progress bar of the running job advanced (a ``methods.progress`` listener)."""
+        self._step = (desc, done, total, unit)
+        self.draw()
+
+    def phase_eta_seconds(self) -> float | None:
+        """Time left in the current phase, from its bar's rate so far (None before a step ends)."""
+        if self._step is None:
+            return None
+        _, done, total, _ = self._step
+        if not total or done <= 0:
+            return None
+        return (self._clock() - self._phase_start) * (total - done) / done
+
+    def job_text(self) -> str:
+        if self.job is None:
+            return ""
+        text = f"now: {self.job} [{self.phase}"
+        if self._step is not None:
+            desc, done, total, unit = self._step
+            text += f": {desc} {done}/{total if total else '?'} {unit}"
+        text += f", {format_seconds(self._clock() - self._phase_start)} in"
+        eta = self.phase_eta_seconds()
+        if eta is not None:
+            text += f", about {format_seconds(eta)} left"
+        return text + "]"
+
     def advance(self, ok: int = 0, failed: int = 0, draw: bool = True) -> None:
         self.ok += ok
         self.failed += failed
@@ -107,8 +172,10 @@ class JobProgress:
             parts.append(f"{self.queued} queued")
         parts.append(f"{self.failed} failed")
         parts.append(f"elapsed {format_seconds(self.elapsed())}")
-        parts.append(f"ETA {format_seconds(self.eta_seconds())}")
-        return ", ".join(parts)
+        eta = self.eta_seconds()
+        parts.append(f"ETA {format_seconds(eta)}" if eta is not None or self.job is None else "ETA after the first job")
+        line = ", ".join(parts)
+        return f"{line}; {self.job_text()}" if self.job is not None and self.running else line
 
     def draw(self, force: bool = False) -> None:
         if not self.enabled:
@@ -117,9 +184,9 @@ class JobProgress:
         text = self.line()
         if not force and (now - self._last_draw < self.min_interval):
             return
-        counts = (self.done, self.running, self.failed)
-        if not self._tty and counts == self._last_counts:
-            return  # in a log, print a line only when the counts change
+        counts = (self.done, self.running, self.failed, self.job, self.phase)
+        if not self._tty and counts == self._last_counts and now - self._last_draw < self.heartbeat:
+            return  # in a log: a line when something changes, else one per heartbeat
         self._last_draw, self._last_counts = now, counts
         if self._tty:
             self.stream.write("\r\033[K" + text)

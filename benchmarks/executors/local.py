@@ -8,7 +8,7 @@ from typing import Any
 from benchmarks.execute import RunContext, run_group
 from benchmarks.jobs import Job, group_jobs
 from benchmarks.plugins import load_plugins
-from benchmarks.progress import JobProgress
+from benchmarks.progress import JobProgress, observe_phases
 from benchmarks.records import is_finished
 
 
@@ -20,7 +20,9 @@ def run_local(jobs: list[Job], ctx: RunContext, **_: Any) -> list[dict[str, Any]
     # The methods draw their own training/scoring bars, so the status line is printed
     # once per group rather than redrawn in place over them.
     progress = JobProgress(len(jobs), skipped=len(finished), enabled=ctx.progress, inplace=False)
-    with progress:
+    from methods.progress import observe_progress
+
+    with progress, observe_phases(progress.enter_phase), observe_progress(progress.on_step):
         for group in group_jobs(jobs):
             pending = [job for job in group if job not in finished]
             progress.running = len(pending)
