@@ -140,7 +140,17 @@ def list_methods_text() -> str:
     return "\n".join(lines)
 
 
+#: The untrained floor (map = the slice's own intensity) every learned method must beat.
+FLOOR_METHOD = "intensity"
+
+
+def _pct(metrics: dict[str, Any], name: str) -> float | None:
+    value = metrics.get(name)
+    return None if value is None else round(100 * float(value), 1)
+
+
 def summary_table(records: list[dict[str, Any]]) -> str:
+    """Per job, then per method and variant: Max Dice, AUPRC and AUROC (x100), averaged over modalities."""
     import pandas as pd
 
     rows = []
@@ -153,8 +163,9 @@ def summary_table(records: list[dict[str, Any]]) -> str:
                 "modality": r.get("data", {}).get("modality"),
                 "seed": r["seed"],
                 "status": r["status"],
-                "max_dice": None if "max_dice" not in metrics else round(100 * metrics["max_dice"], 1),
-                "auroc": None if "auroc" not in metrics else round(100 * metrics["auroc"], 1),
+                "max_dice": _pct(metrics, "max_dice"),
+                "auprc": _pct(metrics, "auprc"),
+                "auroc": _pct(metrics, "auroc"),
                 "fit_s": None if timings.get("fit_seconds") is None else round(timings["fit_seconds"], 1),
                 "slices/s": None if timings.get("slices_per_second") is None else round(timings["slices_per_second"], 1),
                 "error": (r.get("error") or "")[:60],
@@ -165,7 +176,21 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     frame = pd.DataFrame(rows).sort_values(["method", "variant", "modality", "seed"])
     if not frame["error"].astype(bool).any():
         frame = frame.drop(columns="error")
-    return frame.to_string(index=False)
+    text = frame.to_string(index=False)
+    ok = frame[frame["status"] == "ok"]
+    if ok.empty:
+        return text
+    # seeds first, then modalities: each modality counts once however many seeds it has
+    per_modality = ok.groupby(["method", "variant", "modality"])[["max_dice", "auprc", "auroc"]].mean()
+    average = per_modality.groupby(["method", "variant"]).mean().round(1)
+    average["modalities"] = per_modality.groupby(["method", "variant"]).size()
+    average["seeds"] = ok.groupby(["method", "variant"])["seed"].nunique()
+    average = average.reset_index()
+    average["note"] = ["untrained floor" if m == FLOOR_METHOD else "" for m in average["method"]]
+    text += "\n\nAverage over modalities (mean over seeds first), x100:\n" + average.to_string(index=False)
+    if FLOOR_METHOD not in set(average["method"]):
+        text += f"\n(add {FLOOR_METHOD} to --methods to see the untrained floor every method must beat)"
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,7 +269,16 @@ def _run(args: argparse.Namespace) -> int:
     print(summary_table(records))
     failed = [r for r in records if r.get("status") != "ok"]
     print(f"\n{len(records) - len(failed)} job(s) ok, {len(failed)} failed, wall time {wall:.1f} s; records in {out}", file=sys.stderr)
+    print(f"next: python -m benchmarks.leaderboard --runs {_shown(out)}   (tables and figures of this run)", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working folder when it lies below it (shorter to copy)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def check_finished_records(jobs: list, out: Path, replace: bool) -> None:
