@@ -4,13 +4,13 @@ Grid mode: the cartesian product of the ``--grid`` knobs, one variant per combin
 (named ``ddim_steps=2+gamma=0.4``), run through the local or the Ray executor. Variants
 that change only inference-time knobs share one trained model per (modality, seed)::
 
-    python -m benchmarks.ablate --protocol S2 --method madad --grid ddim_steps=2,5,10 --grid gamma=0.2,0.4,none
+    python -m benchmarks.ablate --protocol S2 --methods madad --grid ddim_steps=2,5,10 --grid gamma=0.2,0.4,none
 
 Search mode (training-time knobs): Ray Tune samples ``--space`` distributions (and
 grid-searches any ``--grid`` knobs); each trial runs one variant on every modality and
 seed and reports the mean metric::
 
-    python -m benchmarks.ablate --protocol S1 --method ae --search random --num-samples 8 \\
+    python -m benchmarks.ablate --protocol S1 --methods ae --search random --num-samples 8 \\
         --space lr=loguniform:1e-5:1e-3 --space batch_size=choice:16,32
 
 Spaces: ``loguniform:LOW:HIGH``, ``uniform:LOW:HIGH``, ``randint:LOW:HIGH`` (HIGH
@@ -32,7 +32,18 @@ from typing import TYPE_CHECKING, Any, Sequence
 from benchmarks.executors import EXECUTORS, get_executor
 from benchmarks.jobs import DEFAULT_VARIANT, Job, Variant, build_jobs, group_jobs
 from benchmarks.plugins import load_plugins
-from benchmarks.run import UsageError, check_finished_records, parse_seeds, resolve_data, resolve_methods, resolve_profile, summary_table, validate_config
+from benchmarks.run import (
+    UsageError,
+    add_common_arguments,
+    check_finished_records,
+    parse_seeds,
+    parse_set_overrides,
+    resolve_data,
+    resolve_methods,
+    resolve_profile,
+    summary_table,
+    validate_config,
+)
 
 if TYPE_CHECKING:  # torch loads only after the arguments are parsed (fast --help)
     from benchmarks.execute import RunContext
@@ -137,33 +148,22 @@ def trial_variant(config: dict[str, Any], knobs: Sequence[str]) -> Variant:
 # ---------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.ablate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--protocol", type=str.upper, choices=["S1", "S2"], required=True)
-    p.add_argument("--method", required=True, help="the method to ablate (see python -m benchmarks.run --list-methods)")
+    p.add_argument("--methods", "--method", dest="methods", required=True, help="the one method to ablate (see python -m benchmarks.run --list-methods)")
     p.add_argument("--grid", action="append", default=[], metavar="KNOB=V1,V2", help="values of a knob; the cartesian product of all --grid flags is run")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a config field in every variant")
     p.add_argument("--no-default", action="store_true", help="grid mode: do not add the default variant")
     p.add_argument("--search", choices=["random"], default=None, help="Ray Tune search over --space (and --grid) instead of the plain grid")
     p.add_argument("--space", action="append", default=[], metavar="KNOB=KIND:ARGS", help="search distribution: loguniform:LOW:HIGH, uniform:LOW:HIGH, randint:LOW:HIGH, choice:V1,V2")
     p.add_argument("--num-samples", type=int, default=4, help="search: samples (each --grid combination is sampled this many times)")
     p.add_argument("--search-seed", type=int, default=0, help="search: seed of the sampler (a rerun samples the same variants and resumes)")
     p.add_argument("--metric", default="max_dice", help="metric to rank variants by (mean over modalities and seeds; higher is better)")
-    p.add_argument("--data", default="embedded")
-    p.add_argument("--profile", default="auto")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--modalities", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="run directory (default results/runs/ablate-<method>-<protocol>-<profile>)")
-    p.add_argument("--checkpoints", default=None, help="checkpoint cache (default <out>/checkpoints)")
-    p.add_argument("--executor", default="local", choices=EXECUTORS, help="grid mode executor (search mode always uses Ray Tune)")
-    p.add_argument("--address", default=None, help="Ray: address of an existing cluster (default: start a local one)")
-    p.add_argument("--gpus-per-job", type=float, default=None, help="Ray: GPUs per task/trial, fractional allowed (default 1 if GPUs exist, else 0)")
-    p.add_argument("--cpus-per-job", type=float, default=1.0)
-    p.add_argument("--retries", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--examples", type=int, default=4)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--replace-changed", action="store_true", help="rerun jobs whose finished records came from another config or data (the old records move to <out>/superseded/)")
+    add_common_arguments(p, default_out="results/runs/ablate-<method>-<protocol>-<profile>")
     return p
+
+
+def parse_base_overrides(specs: Sequence[str], method: str) -> dict[str, str]:
+    """``--set METHOD:FIELD=VALUE`` as in ``run`` (``FIELD=VALUE`` also works: there is one method)."""
+    qualified = [s if s.split("=", 1)[0].count(":") else f"{method}:{s}" for s in specs]
+    return parse_set_overrides(qualified, [method]).get(method, {})
 
 
 @dataclass
@@ -185,15 +185,17 @@ def _setup(args: argparse.Namespace) -> Setup:
     from protocols import get_protocol
 
     load_plugins()
-    methods = resolve_methods(args.method)
+    if args.protocol is None:
+        raise UsageError("--protocol is required (S1 or S2)")
+    methods = resolve_methods(args.methods)
     if len(methods) != 1:
-        raise UsageError(f"--method: give exactly one method, got {', '.join(methods)}")
+        raise UsageError(f"--methods: ablate takes exactly one method, got {', '.join(methods)}")
     method = methods[0]
     seeds = parse_seeds(args.seeds)
     profile = resolve_profile(args.profile, args.device, [method])
     protocol = get_protocol(args.protocol)
     spec, modalities = resolve_data(protocol, args.data, args.modalities)
-    base = dict(parse_assignment(s, "--set") for s in args.set)
+    base = parse_base_overrides(args.set, method)
     out = Path(args.out or f"results/runs/ablate-{method}-{protocol.name}-{profile}").resolve()
     ctx = RunContext(
         out=str(out),

@@ -32,29 +32,34 @@ class UsageError(ValueError):
     """A command-line argument is wrong; the message says which and what is valid."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
+    """The options ``run`` and ``ablate`` share, with one spelling and one help text."""
     parser.add_argument("--protocol", type=str.upper, choices=["S1", "S2"], help="S1: global Max Dice (IXI->ATLAS setting); S2: per-image Max Dice (BraTS'21 setting)")
-    parser.add_argument("--methods", default="ae", help="comma-separated method names, or 'all' (see --list-methods)")
     parser.add_argument("--data", default="embedded", help="'embedded' (default, no download) or the path of a prepared set")
-    parser.add_argument("--profile", default=PROFILES_AUTO, help="config profile: quick, paper, or a method-specific one (e.g. official); auto = quick on CPU, paper on GPU")
+    parser.add_argument("--profile", default=PROFILES_AUTO, help="config profile: tiny (smoke test), quick (CPU minutes), paper (published), or a method-specific one (e.g. official); auto = quick on CPU, paper on GPU")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, e.g. 0,1,2")
     parser.add_argument("--modalities", default=None, help="comma-separated subset of the protocol's modalities (default: all it evaluates)")
-    parser.add_argument("--variants", action="append", default=[], metavar="METHOD:KNOB=V1,V2", help="ablation variants; repeatable")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD:FIELD=VALUE", help="override a config field for every job of METHOD; repeatable")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--out", default=None, help="run directory (default results/runs/<protocol>-<profile>)")
+    parser.add_argument("--out", default=None, help=f"run directory (default {default_out})")
     parser.add_argument("--checkpoints", default=None, help="checkpoint cache (default <out>/checkpoints)")
-    parser.add_argument("--executor", default="local", choices=EXECUTORS)
+    parser.add_argument("--executor", default="local", choices=EXECUTORS, help="local: jobs one after another in this process; ray: in parallel on a Ray cluster")
     parser.add_argument("--address", default=None, help="Ray: address of an existing cluster (default: start a local one)")
     parser.add_argument("--gpus-per-job", type=float, default=None, help="Ray: GPUs per job, fractional allowed (default 1 if GPUs exist, else 0)")
     parser.add_argument("--cpus-per-job", type=float, default=1.0, help="Ray: CPUs per job")
     parser.add_argument("--retries", type=int, default=1, help="Ray: retries of a job whose task raised or whose worker died")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per job")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per job (on a shared or busy machine: 1)")
     parser.add_argument("--examples", type=int, default=4, help="test slices stored per record for the figures")
     parser.add_argument("--replace-changed", action="store_true", help="rerun jobs whose finished records came from another config or data (the old records move to <out>/superseded/)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars and the status line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default="ae", help="comma-separated method names, or 'all' (see --list-methods)")
+    parser.add_argument("--variants", action="append", default=[], metavar="METHOD:KNOB=V1,V2", help="ablation variants; repeatable")
+    add_common_arguments(parser, default_out="results/runs/<protocol>-<profile>")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing job instead of recording it")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--list-methods", action="store_true", help="list registered methods (built-in and plugins) and exit")
     return parser
 
