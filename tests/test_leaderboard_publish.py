@@ -76,3 +76,21 @@ def test_shipped_records_carry_only_the_examples_the_figures_draw(repo: Path) ->
     # fake runs: default variant, seed 0, FLAIR for each S2 paper method
     assert examples == [f"embedded-FLAIR__seed0__default.examples.npz"] * 3
     assert list(shipped.rglob("*.per_image.csv"))
+
+
+def test_tiny_sections_are_marked_last_and_never_beside_the_papers(tmp_path: Path) -> None:
+    from tests.test_leaderboard import _record, _write
+
+    runs = tmp_path / "runs"
+    for profile in ("tiny", "paper"):
+        for modality in ("FLAIR", "T1"):
+            _write(runs / f"{profile}-{modality}.json", _record("S2", "ae", modality, 0, profile, {"max_dice": 0.2, "auroc": 0.8}))
+    out = tmp_path / "page"
+    assert leaderboard.main(["--runs", str(runs), "--out", str(out), "--published", str(PUBLISHED)]) == 0
+    md = (out / "leaderboard.md").read_text()
+    paper, tiny = md.index("## S2 · embedded · paper profile"), md.index("## S2 · embedded · tiny profile")
+    assert paper < tiny
+    tiny_section = md[tiny:]
+    assert "smoke test of the code path, not comparable" in tiny_section
+    assert "Published" not in tiny_section.split("## Published numbers")[0].split("### Metrics")[0]
+    assert "published" in md[paper:tiny].lower()

@@ -14,7 +14,15 @@ from .published import PUBLISHED_DATA, Published, display_name, method_rank
 from .tables import Table
 
 QUICK_LABEL = "quick profile (smoke-test scale, not comparable to papers)"
-_PROFILE_ORDER = {"paper": 0, "official": 1}
+TINY_LABEL = "tiny profile (smoke test of the code path, not comparable)"
+#: Profiles that shrink the networks and budgets: a banner, never beside the papers' numbers.
+SCALED_PROFILES = {
+    "quick": (QUICK_LABEL, "Small models and few steps, trained in minutes on a CPU, for checking the pipeline; "
+              "these numbers do not rank the methods as the papers' settings would."),
+    "tiny": (TINY_LABEL, "Networks of a few thousand weights trained for seconds, for testing that every code path runs; "
+             "the numbers say nothing about the methods."),
+}
+_PROFILE_ORDER = {"paper": 0, "official": 1, "quick": 9, "tiny": 10}
 
 
 @dataclass
@@ -33,7 +41,7 @@ class Section:
 
     @property
     def profile_label(self) -> str:
-        return QUICK_LABEL if self.profile == "quick" else f"{self.profile} profile"
+        return SCALED_PROFILES[self.profile][0] if self.profile in SCALED_PROFILES else f"{self.profile} profile"
 
     @property
     def title(self) -> str:
@@ -44,21 +52,21 @@ class Section:
         """The same, short enough for a figure legend."""
         if self.data == "embedded":
             return "different data, not comparable"
-        return "quick run here, not comparable" if self.profile == "quick" else "same protocol"
+        return f"{self.profile} run here, not comparable" if self.profile in SCALED_PROFILES else "same protocol"
 
     @property
     def published_status(self) -> str:
         """How far the published numbers can be compared with this section's."""
         if self.data == "embedded":
             return "different data (the embedded sanity set is used here): not comparable"
-        if self.profile == "quick":
-            return "full-scale training in the paper, a quick smoke test here: not comparable"
+        if self.profile in SCALED_PROFILES:
+            return f"full-scale training in the paper, a {self.profile}-profile smoke test here: not comparable"
         return "as printed in the paper; same protocol, preprocessing may differ"
 
 
 def _section_order(key: tuple[str, str, str]) -> tuple:
     protocol, data, profile = key
-    rank = 9 if profile == "quick" else _PROFILE_ORDER.get(profile, 5)
+    rank = _PROFILE_ORDER.get(profile, 5)
     return (protocol, data == "embedded", data, rank, profile)
 
 
@@ -78,6 +86,8 @@ def build_sections(frame: pd.DataFrame, published: Published) -> list[Section]:
 def _fill(section: Section, published: Published) -> None:
     frame, protocol, slug = section.frame, section.protocol, section.slug
     status = (section.published_status, section.published_short)
+    if section.profile == "tiny":  # a code-path smoke test: never beside the papers' numbers
+        published = Published(published.frame.iloc[0:0])
     built = [
         tables.comparison_table(frame, slug, protocol, published, *status),
         *tables.ablation_tables(frame, slug, protocol, published, *status),
@@ -85,6 +95,9 @@ def _fill(section: Section, published: Published) -> None:
         tables.timings_table(frame, slug, protocol),
     ]
     section.tables = [t for t in built if t is not None]
+    if section.profile == "tiny":
+        for table in section.tables:
+            table.published_caption = None  # no published block at all
     fingerprints = sorted(frame["fingerprint"].unique())
     if len(fingerprints) > 1:
         section.notes.append(f"warning: {len(fingerprints)} different data fingerprints in this section ({', '.join(f[:12] for f in fingerprints)}); the data changed between runs")
@@ -207,8 +220,9 @@ def _section_markdown(section: Section, out: Path) -> list[str]:
     frame = section.frame
     seeds = sorted(pd.to_numeric(frame["seed"], errors="coerce").dropna().astype(int).unique().tolist())
     lines = [f'<a id="{section.slug}"></a>', "", f"## {section.title}", ""]
-    if section.profile == "quick":
-        lines += [f"> **{QUICK_LABEL}.** Tiny models and few steps, for checking the pipeline; these numbers say nothing about the methods.", ""]
+    if section.profile in SCALED_PROFILES:
+        label, text = SCALED_PROFILES[section.profile]
+        lines += [f"> **{label}.** {text}", ""]
     lines += [
         f"- data `{section.data}`: fingerprint(s) {', '.join(f'`{f[:12]}`' for f in sorted(frame['fingerprint'].unique()))}; "
         f"modalities {', '.join(tables.ordered_modalities(frame['modality']))}; seeds {', '.join(map(str, seeds))}; {len(frame)} job(s)",
