@@ -177,6 +177,7 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
             "score_seconds": score_seconds,
             "slices_per_second": n_test / score_seconds if score_seconds > 0 else None,
             "n_scored": n_test,
+            "threads": _torch_threads(),  # CPU threads of this job: timings depend on them
         },
         "device": device_info(device),
         "notes": dict(fitted.notes),
@@ -185,6 +186,12 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
         "per_image": per_image_name,
         "checkpoint": str(checkpoint),
     }
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def _label(job: Job) -> str:

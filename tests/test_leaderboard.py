@@ -138,7 +138,7 @@ def _row(markdown_block: str, label: str) -> list[str]:
 def test_means_stds_and_s2_average(built: Path) -> None:
     md = (built / "leaderboard.md").read_text()
     paper = _section(md, "S2 · embedded · paper profile")
-    table2 = paper[paper.index("### Table 2 layout"):paper.index("### Ablation")]
+    table2 = paper[paper.index("### Per-image Max Dice by modality"):paper.index("### Ablation")]
     # AE FLAIR: 40, 42, 46 -> 42.7 ± 3.1; AE average per seed 32.5, 34.5, 38.5 -> 35.2 ± 3.1
     assert _row(table2, "AE")[:7] == ["AE", "42.7 ± 3.1", "37.7 ± 3.1", "32.7 ± 3.1", "27.7 ± 3.1", "35.2 ± 3.1", "3"]
     # THOR's seed 2 lacks T1: T1 and the average come from seeds 0 and 1 only
@@ -147,7 +147,7 @@ def test_means_stds_and_s2_average(built: Path) -> None:
     assert _row(table2, "MAD-AD")[-1] == "best"
     assert _row(table2, "AE")[-1].startswith("0.000488 (n=12)")  # 12 seed x modality pairs, all in favour
     assert "†" in thor[-1] and "(n=88)" in thor[-1]  # per-image pairs: 11 jobs x 8 images
-    csv = pd.read_csv(built / "tables" / "s2_embedded_paper_table2.csv")
+    csv = pd.read_csv(built / "tables" / "s2_embedded_paper_max_dice_by_modality.csv")
     ae = csv[csv["method"] == "ae"].iloc[0]
     assert ae["average_mean"] == pytest.approx(np.mean([32.5, 34.5, 38.5]))
     assert ae["FLAIR_std"] == pytest.approx(np.std([40, 42, 46], ddof=1))
@@ -172,7 +172,7 @@ def test_published_side_by_side_and_marked(built: Path) -> None:
     block = paper[paper.index("Published (MAD-AD IPMI 2025, BraTS'21)"):]
     assert _row(block, "MAD-AD")[1:] == ["76.2", "68.5", "73.2", "63.4", "70.3"]
     assert "## Published numbers (reference)" in md and "IterMask2" in md
-    tex = (built / "tables" / "s2_embedded_paper_table2.tex").read_text()
+    tex = (built / "tables" / "s2_embedded_paper_max_dice_by_modality.tex").read_text()
     assert "different data" in tex and "76.2" in tex
 
 
@@ -200,7 +200,7 @@ def test_s1_table_and_too_few_pairs(built: Path) -> None:
 
 def test_files_parse_and_figures_written(built: Path) -> None:
     tables = sorted(p.name for p in (built / "tables").iterdir())
-    assert "s2_embedded_paper_table2.tex" in tables and "s1_embedded_paper_table1.csv" in tables
+    assert "s2_embedded_paper_max_dice_by_modality.tex" in tables and "s1_embedded_paper_max_dice_by_size.csv" in tables
     for tex in (built / "tables").glob("*.tex"):
         text = tex.read_text()
         assert text.count(r"\begin{") == text.count(r"\end{") == 2
@@ -210,9 +210,9 @@ def test_files_parse_and_figures_written(built: Path) -> None:
     for csv in (built / "tables").glob("*.csv"):
         assert len(pd.read_csv(csv)) > 0, csv.name
     figures = {p.name for p in (built / "figures").glob("*.png")}
-    assert {"s2_embedded_paper_table2.png", "s2_embedded_paper_ablation_madad.png", "s2_embedded_paper_maps.png"} <= figures
+    assert {"s2_embedded_paper_max_dice_by_modality.png", "s2_embedded_paper_ablation_madad.png", "s2_embedded_paper_maps_flair.png"} <= figures
     md = (built / "leaderboard.md").read_text()
-    assert "](figures/s2_embedded_paper_maps.png)" in md and "](figures/s1_embedded_paper_table1.png)" in md
+    assert "](figures/s2_embedded_paper_maps_flair.png)" in md and "](figures/s1_embedded_paper_max_dice_by_size.png)" in md
 
 
 def test_failed_job_listed_and_non_records_skipped(built: Path) -> None:

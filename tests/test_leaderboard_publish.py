@@ -84,7 +84,9 @@ def test_tiny_sections_are_marked_last_and_never_beside_the_papers(tmp_path: Pat
     runs = tmp_path / "runs"
     for profile in ("tiny", "paper"):
         for modality in ("FLAIR", "T1"):
-            _write(runs / f"{profile}-{modality}.json", _record("S2", "ae", modality, 0, profile, {"max_dice": 0.2, "auroc": 0.8}))
+            record = _record("S2", "ae", modality, 0, profile, {"max_dice": 0.2, "auroc": 0.8})
+            record["timings"]["threads"] = 1
+            _write(runs / f"{profile}-{modality}.json", record)
     out = tmp_path / "page"
     assert leaderboard.main(["--runs", str(runs), "--out", str(out), "--published", str(PUBLISHED)]) == 0
     md = (out / "leaderboard.md").read_text()
@@ -94,3 +96,5 @@ def test_tiny_sections_are_marked_last_and_never_beside_the_papers(tmp_path: Pat
     assert "smoke test of the code path, not comparable" in tiny_section
     assert "Published" not in tiny_section.split("## Published numbers")[0].split("### Metrics")[0]
     assert "published" in md[paper:tiny].lower()
+    timings = tiny_section[tiny_section.index("### Timings"):]
+    assert "| threads |" in timings.splitlines()[2] and timings.splitlines()[4].rstrip().endswith("| 1 |")

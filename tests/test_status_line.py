@@ -62,3 +62,7 @@ def test_a_real_run_reports_its_phases(tmp_path: Path, capsys: pytest.CaptureFix
     for phase in ("build data", "fit", "score test", "metrics"):
         assert f"now: ae T1 seed 0 [{phase}" in err
     assert "fit ae" in err and "epoch" in err
+    import json
+
+    record = json.loads(next((tmp_path / "run" / "records").rglob("*.json")).read_text())
+    assert record["timings"]["threads"] >= 1  # the timings table states the threads behind them

@@ -37,12 +37,14 @@ def bar_chart(table: Table, title: str, path: Path) -> Path | None:
 
     plt = _pyplot()
     hue_order = [r.label for r in table.rows if any(r.cells.get(c, _NONE).n for c in table.columns)]
+    # one distinct colour per row: the colour-blind palette has 10, more rows (ablation variants) get husl
+    palette = sns.color_palette("colorblind" if len(hue_order) <= 10 else "husl", len(hue_order))
     width = max(6.0, 1.6 + len(table.columns) * (0.9 + 0.22 * len(hue_order)))
     with sns.axes_style("whitegrid"):
         fig, ax = plt.subplots(figsize=(width, 4.0))
         sns.barplot(
             data=long, x="column", y="value", hue="row", order=table.columns, hue_order=hue_order,
-            errorbar="sd", capsize=0.15, err_kws={"linewidth": 1.0}, palette="colorblind", ax=ax,
+            errorbar="sd", capsize=0.15, err_kws={"linewidth": 1.0}, palette=palette, ax=ax,
         )
         marked = _mark_published(ax, table, hue_order)
         ax.set_xlabel("")
@@ -89,6 +91,16 @@ class MapEntry:
     label: str  # row label (method)
     path: Path  # the record's examples .npz
     modality: str
+    threshold: float | None = None  # the record's Max Dice threshold, for the prediction panel
+    strict: bool = False  # prediction = map > threshold (peer grids) instead of map >= threshold
+    brain_masked: bool = False  # the protocol multiplied maps by the brain mask before thresholding
+
+    def prediction(self, amap: np.ndarray, brain: np.ndarray | None) -> np.ndarray | None:
+        """The pixels the evaluator flagged at the Max Dice threshold, as the protocol computed them."""
+        if self.threshold is None or not math.isfinite(self.threshold):
+            return None
+        values = amap * (brain > 0) if self.brain_masked and brain is not None else amap
+        return values > self.threshold if self.strict else values >= self.threshold
 
 
 def map_grid(entries: list[MapEntry], title: str, path: Path, n_slices: int = 2) -> Path | None:
@@ -101,7 +113,8 @@ def map_grid(entries: list[MapEntry], title: str, path: Path, n_slices: int = 2)
     if not picks:
         return None
     with_recon = any("reconstruction" in a for _, a in loaded)
-    panels = ["image"] + (["reconstruction"] if with_recon else []) + ["anomaly map", "ground truth"]
+    with_pred = any(e.threshold is not None for e, _ in loaded)
+    panels = ["image"] + (["reconstruction"] if with_recon else []) + ["anomaly map"] + (["prediction"] if with_pred else []) + ["ground truth"]
     plt = _pyplot()
     n_rows, n_cols = len(loaded), len(panels) * len(picks)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.55 * n_cols + 0.9, 1.6 * n_rows + 0.7), squeeze=False)
@@ -110,12 +123,15 @@ def map_grid(entries: list[MapEntry], title: str, path: Path, n_slices: int = 2)
             k = picks[key][r]
             for p, panel in enumerate(panels):
                 ax = axes[r, s * len(panels) + p]
-                _draw_panel(ax, panel, arrays, k)
+                _draw_panel(ax, panel, arrays, k, entry)
                 if r == 0:
                     ax.set_title(f"{_slice_name(key, s, shared)}: {panel}", fontsize=8)
         axes[r, 0].set_ylabel(entry.label, fontsize=9)
     note = "" if shared else " (slices differ between methods)"
-    fig.suptitle(_wrap(f"{title}{note}", int(n_cols * 20)) + "\nmaps scaled per panel to [0, 99.9th percentile in the brain]; cyan: lesion outline", fontsize=9)
+    legend = "maps scaled per panel to [0, 99.9th percentile in the brain] (colour bar: map units); cyan: lesion outline"
+    if with_pred:
+        legend += "\nprediction at the record's Max Dice threshold: yellow = flagged, cyan = lesion outline"
+    fig.suptitle(_wrap(f"{title}{note}", int(n_cols * 20)) + "\n" + legend, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, metadata=_PNG_METADATA)
@@ -165,7 +181,7 @@ def _shared_slices(all_arrays: list[dict[str, np.ndarray]], n: int) -> tuple[dic
     return {i: positions[i] for i in chosen[:n]}, shared
 
 
-def _draw_panel(ax, panel: str, arrays: dict[str, np.ndarray], k: int) -> None:
+def _draw_panel(ax, panel: str, arrays: dict[str, np.ndarray], k: int, entry: MapEntry | None = None) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     image = _channel(arrays["image"][k])
@@ -186,7 +202,23 @@ def _draw_panel(ax, panel: str, arrays: dict[str, np.ndarray], k: int) -> None:
         # 99.9th percentile inside the brain: one hot pixel does not wash out the map,
         # while a small lesion (often < 1 % of the brain) still sets the top of the scale.
         top = float(np.percentile(inside, 99.9)) if np.isfinite(inside).all() else 1.0
-        ax.imshow(amap, cmap="inferno", vmin=min(0.0, float(amap.min())), vmax=top if top > 0 else 1.0)
+        low = min(0.0, float(amap.min()))
+        shown = ax.imshow(amap, cmap="inferno", vmin=low, vmax=top if top > low else low + 1.0)
+        bar = ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        bar.ax.tick_params(labelsize=5)
+        if mask.any():
+            ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.5)
+    elif panel == "prediction":
+        brain = arrays.get("brain_mask")
+        flagged = entry.prediction(np.asarray(arrays["map"][k], dtype=np.float64), None if brain is None else brain[k]) if entry else None
+        if flagged is None:
+            ax.set_facecolor("#eeeeee")
+            ax.text(0.5, 0.5, "no\nthreshold", ha="center", va="center", fontsize=7, color="#666666", transform=ax.transAxes)
+            return
+        ax.imshow(image, cmap="gray", vmin=lo, vmax=hi)
+        overlay = np.zeros(flagged.shape + (4,))
+        overlay[flagged] = (1.0, 0.85, 0.0, 0.7)
+        ax.imshow(overlay)
         if mask.any():
             ax.contour(mask, levels=[0.5], colors="cyan", linewidths=0.5)
     else:

@@ -32,7 +32,7 @@ class Section:
     profile: str
     frame: pd.DataFrame
     tables: list[Table] = field(default_factory=list)
-    figures: dict[str, Path] = field(default_factory=dict)  # table slug (or "maps") -> png
+    figures: dict[str, Path] = field(default_factory=dict)  # table slug (or "maps:<modality>") -> png
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -125,9 +125,8 @@ def write_outputs(sections: list[Section], out: Path) -> list[Path]:
                     section.figures[table.slug] = png
                     written.append(png)
         long += tables.long_values(section.tables, section.slug)
-        grid = _map_grid(section, figure_dir / f"{section.slug}_maps.png")
-        if grid is not None:
-            section.figures["maps"] = grid
+        for modality, grid in _map_grids(section, figure_dir).items():
+            section.figures[f"maps:{modality}"] = grid
             written.append(grid)
     long_path = table_dir / "values_long.csv"
     pd.DataFrame(long, columns=["section", "table", "row", "method", "variant", "column", "key", "value"]).to_csv(long_path, index=False)
@@ -135,19 +134,28 @@ def write_outputs(sections: list[Section], out: Path) -> list[Path]:
     return written
 
 
-def _map_grid(section: Section, path: Path) -> Path | None:
-    """Default variants, one modality (FLAIR first), lowest seed, per method."""
+def _map_grids(section: Section, figure_dir: Path) -> dict[str, Path]:
+    """One grid per modality: default variants, lowest seed, per method, with the prediction at its threshold."""
     frame = section.frame[(section.frame["variant"] == "default") & section.frame["examples"].notna()]
-    if frame.empty:
-        return None
-    modality = tables.ordered_modalities(frame["modality"])[0]
-    frame = frame[frame["modality"] == modality]
-    entries = []
-    for method in sorted(frame["method"].unique(), key=method_rank):
-        rec = frame[frame["method"] == method].sort_values("seed").iloc[0]
-        entries.append(figures.MapEntry(display_name(method), Path(rec["examples"]), modality))
-    seed_note = "lowest seed per method"
-    return figures.map_grid(entries, f"{section.title} — {modality}, {seed_note}", path)
+    grids: dict[str, Path] = {}
+    for modality in tables.ordered_modalities(frame["modality"]) if not frame.empty else []:
+        rows = frame[frame["modality"] == modality]
+        entries = []
+        for method in sorted(rows["method"].unique(), key=method_rank):
+            rec = rows[rows["method"] == method].sort_values("seed").iloc[0]
+            params = rec["protocol_params"] if isinstance(rec["protocol_params"], dict) else {}
+            threshold = rec.get("m_threshold")
+            entries.append(figures.MapEntry(
+                display_name(method), Path(rec["examples"]), modality,
+                threshold=None if threshold is None or pd.isna(threshold) else float(threshold),
+                strict=str(params.get("mode")) == "grid",
+                brain_masked=bool(params.get("apply_brain_mask", False)),
+            ))
+        path = figure_dir / f"{section.slug}_maps_{tables.slug(modality)}.png"
+        grid = figures.map_grid(entries, f"{section.title} — {modality}, lowest seed per method", path)
+        if grid is not None:
+            grids[modality] = grid
+    return grids
 
 
 def remove_stale(out: Path, keep: list[Path]) -> list[Path]:
@@ -237,9 +245,11 @@ def _section_markdown(section: Section, out: Path) -> list[str]:
         png = section.figures.get(table.slug)
         if png is not None:
             lines += [f"![{table.title}]({_relative(png, out)})", ""]
-    grid = section.figures.get("maps")
-    if grid is not None:
-        lines += ["### Anomaly maps", "", f"![anomaly maps]({_relative(grid, out)})", ""]
+    grids = {k.split(":", 1)[1]: p for k, p in section.figures.items() if k.startswith("maps:")}
+    if grids:
+        lines += ["### Anomaly maps", ""]
+        for modality, grid in grids.items():
+            lines += [f"![anomaly maps, {modality}]({_relative(grid, out)})", ""]
     return lines
 
 

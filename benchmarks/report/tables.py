@@ -147,8 +147,8 @@ def comparison_table(frame: pd.DataFrame, section: str, protocol: str, published
     if base.empty:
         return None
     number = "2" if protocol == "S2" else "1"
-    what = "per-image Max Dice by modality" if protocol == "S2" else "global Max Dice by lesion size"
-    table = _empty_table(f"{section}_table{number}", f"Table {number} layout — {what}", "comparison", "method", frame, protocol, published, status, short)
+    what, name = ("Per-image Max Dice by modality", "max_dice_by_modality") if protocol == "S2" else ("Global Max Dice by lesion size", "max_dice_by_size")
+    table = _empty_table(f"{section}_{name}", f"{what} (paper Table {number} layout)", "comparison", "method", frame, protocol, published, status, short)
     for method in sorted(base["method"].unique(), key=method_rank):
         table.rows.extend(_score_rows(base[base["method"] == method], protocol, frame, published))
     _run_tests(table)
@@ -350,7 +350,7 @@ def timings_table(frame: pd.DataFrame, section: str, protocol: str) -> Table:
         rows=[],
         spread="jobs",
         decimals=None,
-        extra_columns=["reused ckpt", "device"],
+        extra_columns=["reused ckpt", "device", "threads"],
     )
     for (method, variant), part in sorted(frame.groupby(["method", "variant"]), key=lambda kv: (method_rank(kv[0][0]), kv[0][1] != "default", kv[0][1])):
         row = Row(row_label(method, variant), method, variant)
@@ -361,7 +361,9 @@ def timings_table(frame: pd.DataFrame, section: str, protocol: str) -> Table:
                 values = values[keep]
             row.cells[column] = Cell({i: float(v) for i, v in values.dropna().items()})
         row.count = len(part)
-        row.extra = {"reused ckpt": str(int(reused.sum())), "device": ", ".join(sorted(part["device"].unique()))}
+        threads = sorted({str(int(t)) for t in pd.to_numeric(part.get("t_threads", pd.Series(dtype=float)), errors="coerce").dropna()})
+        row.extra = {"reused ckpt": str(int(reused.sum())), "device": ", ".join(sorted(part["device"].unique())),
+                     "threads": ", ".join(threads) or "?"}
         table.rows.append(row)
     return table
 
