@@ -44,7 +44,7 @@ def register_method(name: str, source: str = "built-in") -> Callable[[M], M]:
     return decorate
 
 
-register = register_method  # short alias, as in DESIGN.md
+register = register_method  # short alias
 
 
 def _load_plugins() -> None:
