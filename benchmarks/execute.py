@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.jobs import Job
+from benchmarks.jobs import Job, inside, safe_component
 from benchmarks.progress import report_phase
 from benchmarks.records import (
     SCHEMA_VERSION,
@@ -138,7 +138,7 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
     profile, overrides = job.variant.resolve(job.profile)
     method = create_method(job.method, profile, seed=job.seed, device=device, **overrides)
     key = stable_hash({"training": method.training_key(), "data": splits.train.fingerprint(), "modality": job.modality})
-    checkpoint = Path(ctx.checkpoints) / job.method / key
+    checkpoint = inside(Path(ctx.checkpoints), Path(ctx.checkpoints) / safe_component(job.method) / key)
     report_phase(_label(job), "fit")
     fitted, fit_info = _fitted_method(method, key, checkpoint, splits, trained)
 

@@ -13,6 +13,24 @@ PROFILE_KNOB = "profile"  # a variant knob naming another profile, not a config 
 SUPERSEDED_DIR = "superseded"  # records a rerun replaced (benchmarks/resume.py); reports skip it
 
 
+def safe_component(name: str) -> str:
+    """``name`` as one harmless path component: no separators, no ``..``, nothing hidden.
+
+    Names of data sets, modalities, methods and variants come from manifests, plugins and
+    the command line; none of them may steer a write outside the run folder.
+    """
+    text = re.sub(r"[^A-Za-z0-9_.=+-]", "_", str(name)).lstrip(".")
+    return text or "_"
+
+
+def inside(root: Path, path: Path) -> Path:
+    """``path`` if it resolves below ``root``; else a ValueError (a write would escape it)."""
+    resolved, base = path.resolve(), root.resolve()
+    if resolved != base and base not in resolved.parents:
+        raise ValueError(f"refusing to write {path}: it resolves outside {root}")
+    return path
+
+
 @dataclass(frozen=True)
 class Variant:
     """Config overrides applied on top of a method's profile (``default`` = none)."""
@@ -48,8 +66,9 @@ class Job:
         return f"{self.protocol}/{self.profile}/{self.method}/{self.data_name}-{self.modality}/seed{self.seed}/{self.variant.name}"
 
     def record_path(self, out: Path) -> Path:
-        safe_variant = re.sub(r"[^A-Za-z0-9_.=+-]", "_", self.variant.name)
-        return out / "records" / self.protocol / self.profile / self.method / f"{self.data_name}-{self.modality}__seed{self.seed}__{safe_variant}.json"
+        name = f"{self.data_name}-{self.modality}__seed{self.seed}__{self.variant.name}.json"
+        parts = [safe_component(p) for p in ("records", self.protocol, self.profile, self.method, name)]
+        return inside(Path(out), Path(out).joinpath(*parts))
 
     @property
     def group_key(self) -> tuple:

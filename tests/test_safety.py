@@ -1,0 +1,46 @@
+"""Names from manifests, plugins and the command line never steer a write outside its root;
+files are created with the mode the umask gives."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from benchmarks.jobs import Job, Variant, inside, safe_component
+from methods.atomic import atomic_write_text
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "", "a/b", "/etc/passwd", ".hidden", "ok-Name_1.2=3+4"])
+def test_safe_component_is_one_plain_component(name: str) -> None:
+    part = safe_component(name)
+    assert part and "/" not in part and not part.startswith(".") and part not in (".", "..")
+    if name == "ok-Name_1.2=3+4":
+        assert part == name  # ordinary names are kept as they are
+
+
+def test_record_path_of_hostile_names_stays_in_the_run_folder(tmp_path: Path) -> None:
+    job = Job("S2", "../../../m", "embedded", "../../x", "../T1", 0, "../quick", Variant("../../v", (("a", "1"),)))
+    path = job.record_path(tmp_path / "run")
+    assert (tmp_path / "run").resolve() in path.resolve().parents
+    assert path.relative_to(tmp_path / "run").parts[0] == "records"
+
+
+def test_inside_refuses_an_escape(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    os.symlink(tmp_path, tmp_path / "root" / "link")  # a link out of the root is an escape too
+    with pytest.raises(ValueError, match="outside"):
+        inside(tmp_path / "root", tmp_path / "root" / "link" / "file")
+    assert inside(tmp_path / "root", tmp_path / "root" / "a" / "b") == tmp_path / "root" / "a" / "b"
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_atomic_writes_follow_the_umask(tmp_path: Path, mask: int, mode: int) -> None:
+    previous = os.umask(mask)
+    try:
+        atomic_write_text("x", tmp_path / "f.json")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode
