@@ -44,3 +44,26 @@ def test_atomic_writes_follow_the_umask(tmp_path: Path, mask: int, mode: int) ->
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == mode
+
+
+def test_leaderboard_renders_hostile_record_fields_inert_and_hides_impossible_metrics(tmp_path: Path) -> None:
+    from benchmarks import leaderboard
+    from tests.test_leaderboard import PUBLISHED, _record, _write
+
+    runs = tmp_path / "runs"
+    hostile = _record("S2", "<script>alert(1)</script>", "FLAIR", 0, "paper", {"max_dice": 0.3, "auroc": 0.8})
+    hostile["variant"] = "[click](javascript:alert(1))"
+    hostile["data"]["name"] = "x\n# Injected heading <img src=x onerror=alert(1)>"
+    _write(runs / "hostile.json", hostile)
+    failed = _record("S2", "ae", "T1", 0, "paper", {}, status="failed")
+    failed["error"] = "<iframe src=javascript:alert(1)>"
+    _write(runs / "failed.json", failed)
+    _write(runs / "edited.json", _record("S2", "ae", "FLAIR", 1, "paper", {"max_dice": 5.0, "auroc": 0.8}))
+    out = tmp_path / "page"
+    assert leaderboard.main(["--runs", str(runs), "--out", str(out), "--published", str(PUBLISHED)]) == 0
+    md = (out / "leaderboard.md").read_text()
+    for raw in ("<script", "<img", "<iframe", "](javascript:"):
+        assert raw not in md, raw
+    assert not any(line.startswith("# Injected") for line in md.splitlines())
+    assert "edited.json not shown: max\\_dice = 5.0 is outside \\[0, 1\\]" in md
+    assert "500.0" not in md  # the edited record is in no table

@@ -26,6 +26,22 @@ class RecordSet:
     missing_dirs: list[Path] = field(default_factory=list)
     unreadable: list[Path] = field(default_factory=list)
     duplicates: list[Path] = field(default_factory=list)
+    invalid: list[tuple[Path, str]] = field(default_factory=list)  # (record, why it is not shown)
+
+
+#: Metrics that are fractions: a value outside [0, 1] means the record is corrupt or edited.
+FRACTION_PREFIXES = ("max_dice", "dice", "auroc", "auprc")
+
+
+def out_of_range(record: dict[str, Any]) -> str | None:
+    """Why a record's metrics cannot be real (a fraction outside [0, 1]), or None."""
+    for name, value in (record.get("metrics") or {}).items():
+        if not str(name).startswith(FRACTION_PREFIXES):
+            continue
+        number = _number(value)
+        if number == number and not 0.0 <= number <= 1.0:  # NaN (no lesion in a bucket) is allowed
+            return f"{name} = {value!r} is outside [0, 1]"
+    return None
 
 
 def load_records(run_dirs: list[Path]) -> RecordSet:
@@ -40,6 +56,10 @@ def load_records(run_dirs: list[Path]) -> RecordSet:
                 continue  # records a rerun replaced (benchmarks/resume.py)
             record = _read(path, result)
             if record is None:
+                continue
+            problem = out_of_range(record)
+            if problem is not None:
+                result.invalid.append((path, problem))
                 continue
             (result.ok if record.get("status") == "ok" else result.failed).append(record)
     result.ok = _dedupe(result.ok, result.duplicates)

@@ -217,7 +217,8 @@ def _how_to_read() -> list[str]:
 
 def _contents(sections: list[Section], records: RecordSet) -> list[str]:
     lines = ["## Contents", ""]
-    lines += [f"- [{s.title}](#{s.slug}) — {len(s.frame)} job(s), methods: {', '.join(display_name(m) for m in sorted(s.frame['method'].unique(), key=method_rank))}" for s in sections]
+    lines += [f"- [{tables.md_inline(s.title)}](#{s.slug}) — {len(s.frame)} job(s), methods: "
+              f"{', '.join(tables.md_inline(display_name(m)) for m in sorted(s.frame['method'].unique(), key=method_rank))}" for s in sections]
     if records.failed:
         lines.append(f"- [Failed jobs](#failed-jobs) — {len(records.failed)}")
     lines += ["- [Published numbers (reference)](#published-numbers)", ""]
@@ -227,29 +228,29 @@ def _contents(sections: list[Section], records: RecordSet) -> list[str]:
 def _section_markdown(section: Section, out: Path) -> list[str]:
     frame = section.frame
     seeds = sorted(pd.to_numeric(frame["seed"], errors="coerce").dropna().astype(int).unique().tolist())
-    lines = [f'<a id="{section.slug}"></a>', "", f"## {section.title}", ""]
+    lines = [f'<a id="{section.slug}"></a>', "", f"## {tables.md_inline(section.title)}", ""]
     if section.profile in SCALED_PROFILES:
         label, text = SCALED_PROFILES[section.profile]
         lines += [f"> **{label}.** {text}", ""]
     lines += [
-        f"- data `{section.data}`: fingerprint(s) {', '.join(f'`{f[:12]}`' for f in sorted(frame['fingerprint'].unique()))}; "
-        f"modalities {', '.join(tables.ordered_modalities(frame['modality']))}; seeds {', '.join(map(str, seeds))}; {len(frame)} job(s)",
+        f"- data {tables.md_inline(section.data)}: fingerprint(s) {', '.join(tables.md_inline(f[:12]) for f in sorted(frame['fingerprint'].unique()))}; "
+        f"modalities {', '.join(tables.md_inline(m) for m in tables.ordered_modalities(frame['modality']))}; seeds {', '.join(map(str, seeds))}; {len(frame)} job(s)",
     ]
-    lines += [f"- {note}" for note in section.notes]
+    lines += [f"- {tables.md_inline(note)}" for note in section.notes]
     lines += _protocol_markdown(frame)
     lines.append("")
     for table in section.tables:
-        lines += [f"### {table.title}", "", tables.to_markdown(table), ""]
+        lines += [f"### {tables.md_inline(table.title)}", "", tables.to_markdown(table), ""]
         files = f"[CSV](tables/{table.slug}.csv) · [LaTeX](tables/{table.slug}.tex)"
         lines += [f"Files: {files}", ""]
         png = section.figures.get(table.slug)
         if png is not None:
-            lines += [f"![{table.title}]({_relative(png, out)})", ""]
+            lines += [f"![{tables.md_inline(table.title)}]({_relative(png, out)})", ""]
     grids = {k.split(":", 1)[1]: p for k, p in section.figures.items() if k.startswith("maps:")}
     if grids:
         lines += ["### Anomaly maps", ""]
         for modality, grid in grids.items():
-            lines += [f"![anomaly maps, {modality}]({_relative(grid, out)})", ""]
+            lines += [f"![anomaly maps, {tables.md_inline(modality)}]({_relative(grid, out)})", ""]
     return lines
 
 
@@ -269,10 +270,10 @@ def _protocol_markdown(frame: pd.DataFrame) -> list[str]:
     params = _protocol_params(frame)
     if not params:
         return ["- protocol: (no parameters recorded)"]
-    short = "; ".join(f"{k} = `{v}`" for k, v in params.items() if len(v) <= 40)
+    short = "; ".join(f"{tables.md_inline(k)} = {tables.md_inline(v)}" for k, v in params.items() if len(v) <= 40)
     lines = [f"- protocol: {short}"]
     lines += ["", "<details><summary>all protocol parameters</summary>", ""]
-    lines += [f"- **{k}**: {v}" for k, v in params.items()]
+    lines += [f"- **{tables.md_inline(k)}**: {tables.md_inline(v)}" for k, v in params.items()]
     return lines + ["", "</details>"]
 
 
@@ -290,7 +291,9 @@ def _failed_markdown(records: RecordSet) -> list[str]:
 def _problems(records: RecordSet, published: Published) -> list[str]:
     notes = [*published.problems]
     if records.unreadable:
-        notes.append(f"{len(records.unreadable)} unreadable JSON file(s) skipped: " + ", ".join(f"`{_display_path(p)}`" for p in records.unreadable[:5]))
+        notes.append(f"{len(records.unreadable)} unreadable JSON file(s) skipped: " + ", ".join(tables.md_inline(_display_path(p)) for p in records.unreadable[:5]))
+    for path, problem in records.invalid:
+        notes.append(f"record {tables.md_inline(_display_path(path))} not shown: {tables.md_inline(problem)}")
     if records.duplicates:
         notes.append(f"{len(records.duplicates)} older duplicate record(s) of the same job ignored (the newest wins)")
     return (["## Notes", "", *[f"- {n}" for n in notes], ""]) if notes else []

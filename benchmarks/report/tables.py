@@ -412,8 +412,22 @@ def markdown_table(headers: list[str], rows: list[list[str]], align: list[str] |
     return "\n".join(lines)
 
 
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|#])")
+_TAG_OPEN = re.compile(r"<(?=[A-Za-z/!?])")  # what could start an HTML tag or an autolink
+
+
+def _no_html(text: str) -> str:
+    return _TAG_OPEN.sub("&lt;", " ".join(str(text).split()))
+
+
+def md_inline(text: object) -> str:
+    """Record-derived text made inert in markdown: one line, HTML escaped, no links, code or emphasis."""
+    return _MD_SPECIAL.sub(r"\\\1", _no_html(str(text)))
+
+
 def _md_escape(text: str) -> str:
-    return str(text).replace("|", "\\|")
+    """A table cell: one line, HTML escaped, no pipes or links (our own ``**bold**`` stays)."""
+    return re.sub(r"([\\|])", r"\\\1", _no_html(text)).replace("](", "]\\(")  # "](" would open a link
 
 
 def to_markdown(table: Table) -> str:
