@@ -142,6 +142,8 @@ def list_methods_text() -> str:
         cls = get_method_class(name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         lines.append(f"{name:10s} {source:30s} profiles: {', '.join(sorted(cls.profiles)):28s} {doc}")
+    if any(source.startswith("plugin") for source in method_sources().values()):
+        lines.append("\nplugins are code imported from other packages or UAD_BENCH_PLUGINS: load only code you trust")
     return "\n".join(lines)
 
 

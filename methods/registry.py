@@ -27,8 +27,14 @@ class UnknownMethodError(KeyError):
         return str(self.args[0])
 
 
-def register_method(name: str, source: str = "built-in") -> Callable[[M], M]:
-    """Class decorator: make ``cls`` available as ``name``."""
+def _source_of(cls: type) -> str:
+    """``built-in`` for classes of this package, else ``plugin <module>`` (code from elsewhere)."""
+    module = cls.__module__
+    return "built-in" if module == "methods" or module.startswith("methods.") else f"plugin {module}"
+
+
+def register_method(name: str, source: str | None = None) -> Callable[[M], M]:
+    """Class decorator: make ``cls`` available as ``name`` (``source`` defaults to where it comes from)."""
 
     def decorate(cls: M) -> M:
         if not (isinstance(cls, type) and issubclass(cls, UADMethod)):
@@ -38,7 +44,7 @@ def register_method(name: str, source: str = "built-in") -> Callable[[M], M]:
             raise ValueError(f"method name {name!r} is already taken by {existing.__module__}.{existing.__qualname__}")
         cls.name = name
         _REGISTRY[name] = cls
-        _SOURCES[name] = source
+        _SOURCES[name] = source or _source_of(cls)
         return cls
 
     return decorate

@@ -67,3 +67,16 @@ def test_leaderboard_renders_hostile_record_fields_inert_and_hides_impossible_me
     assert not any(line.startswith("# Injected") for line in md.splitlines())
     assert "edited.json not shown: max\\_dice = 5.0 is outside \\[0, 1\\]" in md
     assert "500.0" not in md  # the edited record is in no table
+
+
+def test_plugins_are_labelled_as_plugins(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks.plugins import ENV_VAR, load_plugins
+    from benchmarks.run import list_methods_text
+    from methods.registry import method_sources
+
+    monkeypatch.setenv(ENV_VAR, "tests.toy_method")
+    load_plugins()
+    sources = method_sources()
+    assert sources["toy-exec"] == "plugin tests.toy_method"
+    assert sources["ae"] == "built-in"
+    assert "load only code you trust" in list_methods_text()

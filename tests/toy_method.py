@@ -51,7 +51,7 @@ def events(state: Path, kind: str) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.startswith(kind + " ")] if path.exists() else []
 
 
-@register_method(NAME, source="tests.toy_method")
+@register_method(NAME)
 class ToyMethod(UADMethod):
     """Distance to the mean training intensity; deterministic and instant."""
 
