@@ -35,6 +35,7 @@ from benchmarks.plugins import load_plugins
 from benchmarks.run import (
     UsageError,
     add_common_arguments,
+    check_common_args,
     check_finished_records,
     parse_seeds,
     parse_set_overrides,
@@ -187,6 +188,7 @@ def _setup(args: argparse.Namespace) -> Setup:
     load_plugins()
     if args.protocol is None:
         raise UsageError("--protocol is required (S1 or S2)")
+    check_common_args(args)
     methods = resolve_methods(args.methods)
     if len(methods) != 1:
         raise UsageError(f"--methods: ablate takes exactly one method, got {', '.join(methods)}")

@@ -97,7 +97,9 @@ def parse_variants(specs: Iterable[str], methods: Iterable[str]) -> dict[str, li
             combos = [tuple((k, v) for k, v in overrides)]
         else:
             key, values = _split_assignment(body, spec)
-            combos = [((key, v),) for v in values.split(",") if v != ""]
+            combos = [((key, v.strip()),) for v in values.split(",")]
+        if any(not k or not v for combo in combos for k, v in combo):
+            raise ValueError(f"--variants {spec!r}: every knob needs a name and non-empty values (e.g. madad:ddim_steps=2,5,10)")
         for combo in combos:
             name = "+".join(f"{k}={v}" for k, v in combo)
             if all(existing.name != name for existing in result[method]):

@@ -14,6 +14,7 @@ such records to <out>/superseded/ and reruns their jobs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,7 +72,38 @@ def parse_seeds(text: str) -> list[int]:
         raise UsageError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
     if not seeds:
         raise UsageError("--seeds: give at least one seed")
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise UsageError(f"--seeds {text!r}: seed(s) {', '.join(map(str, repeated))} given twice")
     return seeds
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Numbers and folders of the shared options, checked before any data or model is touched."""
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: give at least 1 (or leave it out)")
+    if args.retries < 0:
+        raise UsageError(f"--retries {args.retries}: give 0 or more")
+    if args.examples < 0:
+        raise UsageError(f"--examples {args.examples}: give 0 or more")
+    if not args.cpus_per_job > 0:
+        raise UsageError(f"--cpus-per-job {args.cpus_per_job}: give a number > 0")
+    if args.gpus_per_job is not None and args.gpus_per_job < 0:
+        raise UsageError(f"--gpus-per-job {args.gpus_per_job}: give 0 or more")
+    for flag in ("out", "checkpoints"):
+        if getattr(args, flag):
+            check_writable_folder(Path(getattr(args, flag)), f"--{flag}")
+
+
+def check_writable_folder(path: Path, flag: str) -> None:
+    """``path`` is, or can become, a folder this process can write in."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: this is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {existing} is not writable")
 
 
 def resolve_methods(text: str) -> list[str]:
@@ -224,6 +256,7 @@ def _run(args: argparse.Namespace) -> int:
     from benchmarks.execute import RunContext, data_name
     from protocols import get_protocol
 
+    check_common_args(args)
     methods = resolve_methods(args.methods)
     seeds = parse_seeds(args.seeds)
     profile = resolve_profile(args.profile, args.device, methods)

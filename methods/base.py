@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from methods.atomic import atomic_torch_save, atomic_write_text
+from methods.config_checks import ConfigValueError, check_config
 from methods.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -165,6 +166,10 @@ class UADMethod(ABC):
         if not isinstance(config, self.Config):
             raise ConfigError(f"{type(self).__name__} expects a {self.Config.__name__}, got {type(config).__name__}")
         self.config = apply_overrides(config, overrides) if overrides else config
+        try:
+            check_config(self.config)
+        except ConfigValueError as exc:
+            raise ConfigError(f"{type(self).__name__}: {exc}") from None
         self.notes = {}
         self.fitted_ = False
         self.input_shape_: tuple[int, int, int] | None = None  # C, H, W seen in fit

@@ -66,3 +66,47 @@ def test_ablate_set_takes_the_run_spelling() -> None:
     assert parse_base_overrides(["madad:gamma=0.4", "sigma=0"], "madad") == {"gamma": "0.4", "sigma": "0"}
     with pytest.raises(UsageError, match="not among --methods"):
         parse_base_overrides(["ae:epochs=3"], "madad")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--threads", "-1"], "--threads -1: give at least 1"),
+        (["--threads", "0"], "--threads 0"),
+        (["--retries", "-1"], "--retries -1: give 0 or more"),
+        (["--seeds", "0,1,0"], "given twice"),
+        (["--variants", "ae:epochs="], "non-empty values"),
+        (["--variants", "ae:epochs=3,,4"], "non-empty values"),
+        (["--set", "ae:epochs=-3"], "epochs: must be at least 1"),
+        (["--set", "ae:epochs=true"], "epochs: expected int"),
+        (["--set", "ae:epochs=1.5"], "epochs: expected int"),
+        (["--set", "ae:epochs=none"], "none is not allowed"),
+        (["--set", "ae:lr=0"], "learning rate must be > 0"),
+        (["--set", "ae:lr=NaN"], "must be finite"),
+        (["--set", "ae:lr=nan"], "expected a float"),
+    ],
+)
+def test_bad_values_fail_before_any_work_in_one_line(extra: list[str], message: str, tmp_path, capsys) -> None:
+    from benchmarks.run import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--protocol", "S1", "--methods", "ae", "--out", str(tmp_path / "run"), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_out_that_is_a_file_or_unwritable_fails_at_once(tmp_path, capsys, monkeypatch) -> None:
+    import benchmarks.run as run
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit):
+        run.main(["--protocol", "S1", "--methods", "ae", "--out", str(a_file)])
+    assert "this is a file, not a folder" in capsys.readouterr().err
+    # root may write anywhere, so the permission answer is simulated: nothing here is writable
+    monkeypatch.setattr(run.os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit):
+        run.main(["--protocol", "S1", "--methods", "ae", "--out", str(tmp_path / "new" / "run")])
+    assert f"{tmp_path} is not writable" in capsys.readouterr().err
