@@ -288,3 +288,4 @@ def test_floor_row_marked_in_every_table_and_drawn(tmp_path: Path) -> None:
     assert drawn == pytest.approx([20.0, 45.0, 70.0])  # FLAIR, T1 and the average of the floor row
     plt.close(fig)
     assert (out / "figures" / "s2_embedded_quick_table2.png").is_file()
+    assert "Intensity --- floor (untrained) &" in (out / "tables" / "s2_embedded_quick_table2.tex").read_text()
