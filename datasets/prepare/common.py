@@ -6,8 +6,12 @@ Errors come in two kinds:
 * ``SubjectError`` -- one subject's input is bad (unreadable file, missing modality, NaN,
   ...). The subject is skipped and listed in the summary; ``--strict`` turns any skip
   into a ``PrepareError``.
-* ``PrepareError`` -- the preparation as a whole cannot go on (no usable subject,
-  duplicate subject ids, a split CSV naming subjects that are missing, ...).
+* ``PrepareError`` -- the preparation as a whole cannot go on (a bad option, an output
+  folder that cannot be written, no usable subject, duplicate subject ids, a split CSV
+  naming subjects that are missing, ...).
+
+Input that is usable but suspicious (lesion voxels outside the brain, a lesion the resize
+erases) is kept and listed as a warning, counted in the manifest's ``summary``.
 
 Every message names the file it is about.
 """
