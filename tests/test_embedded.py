@@ -19,6 +19,10 @@ from datasets.embedded.contrasts import MODALITIES
 from datasets.embedded.lesions import SIZE_CLASSES, area_scale, s1_bucket, s2_bucket
 
 SMALL = dict(resolution=32, n_train=6, n_val=2, n_test=5)
+# Pinned: the same bytes on every CPU (stable_math replaces NumPy's SIMD-dispatched
+# transcendentals). A change here is a change of the data: bump BUILDER_VERSION.
+SMALL_FINGERPRINT = "d4fc526daf7d5659"
+DEFAULT_FINGERPRINT = "f7986b27b1c99637"  # load_embedded().fingerprint() (what records carry), default sizes
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +193,62 @@ def test_built_set_matches_cached_set(small, tmp_path):
     np.testing.assert_array_equal(small.images, np.asarray(loaded.images))
     assert loaded.manifest["fingerprint"] == small.manifest["fingerprint"]
     assert list(loaded.table["subject_id"]) == list(small.table["subject_id"])
+
+
+def test_fingerprint_is_pinned(small):
+    assert small.manifest["fingerprint"] == SMALL_FINGERPRINT
+
+
+def test_same_bytes_without_numpy_simd_kernels():
+    """Rebuild in a process whose NumPy may use no dispatched SIMD kernel (and, on x86,
+    OpenBLAS's oldest kernels): the fingerprint must not move."""
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    available = [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+    if not available:
+        pytest.skip("this NumPy dispatches no SIMD kernel on this CPU: nothing to switch off")
+    env = dict(os.environ, NPY_DISABLE_CPU_FEATURES=" ".join(available))
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        env["OPENBLAS_CORETYPE"] = "Prescott"
+    code = (
+        "from datasets.embedded.build import build_embedded; "
+        f"print(build_embedded(seed=0, **{SMALL!r}).manifest['fingerprint'])"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == SMALL_FINGERPRINT
+
+
+def test_default_set_fingerprint_when_cached():
+    """The default set's pinned fingerprint, checked when the cache holds it (building it
+    here would take a minute)."""
+    path = embedded_build.cache_root() / embedded_build.cache_name(0, 128, 320, 48, 96)
+    if not path.is_dir():
+        pytest.skip(f"{path} not built; run `python -m datasets.embedded` to check the default set too")
+    assert load_embedded().fingerprint() == DEFAULT_FINGERPRINT
+
+
+def test_stable_math_matches_numpy_to_a_few_ulps():
+    from datasets.embedded import stable_math as sm
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-40.0, 40.0, 20000)
+    p = np.exp(rng.uniform(-60.0, 5.0, 20000))
+
+    def ulps(a, b):
+        return float(np.max(np.abs(a - b) / np.spacing(np.abs(b))))
+
+    assert ulps(sm.exp(x), np.exp(x)) <= 4
+    assert ulps(sm.log(p), np.log(p)) <= 4
+    assert ulps(sm.tanh(x / 10), np.tanh(x / 10)) <= 4 and ulps(sm.tanh(x * 1e-9), np.tanh(x * 1e-9)) <= 4
+    assert ulps(sm.logistic(x), 1.0 / (1.0 + np.exp(-x))) <= 8
+    q = rng.uniform(0.0, 1.0, 20000)
+    assert ulps(sm.power(q, 1.13), q**1.13) <= 32
+    np.testing.assert_array_equal(sm.power(np.array([0.0, 1.0]), 0.9), [0.0, 1.0])
+    assert sm.log(np.array([0.0]))[0] == -np.inf and sm.exp(0.0) == 1.0 and sm.tanh(0.0) == 0.0

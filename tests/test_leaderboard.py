@@ -250,3 +250,42 @@ def test_import_is_light() -> None:
     code = "import sys, benchmarks.leaderboard; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_floor_row_marked_in_every_table_and_drawn(tmp_path: Path) -> None:
+    """The untrained intensity floor is labelled as such, listed first, and drawn on the bar chart."""
+    from benchmarks.report import figures, tables
+    from benchmarks.report.collect import load_records, records_frame
+
+    runs = tmp_path / "runs"
+    values = {"intensity": {"FLAIR": 0.70, "T1": 0.20}, "ae": {"FLAIR": 0.22, "T1": 0.10}}
+    for method, per_modality in values.items():
+        for modality, value in per_modality.items():
+            metrics = {"max_dice": value, "auroc": 0.8, "max_dice_small": value / 2, "max_dice_medium": value, "max_dice_large": value}
+            _write(runs / f"s2-{method}-{modality}.json", _record("S2", method, modality, 0, "quick", metrics))
+        _write(runs / f"s1-{method}.json", _record("S1", method, "T1", 0, "quick", {"max_dice": per_modality["T1"], "auroc": 0.7}))
+    out = tmp_path / "out"
+    assert leaderboard.main(["--runs", str(runs), "--out", str(out), "--published", str(PUBLISHED)]) == 0
+    md = (out / "leaderboard.md").read_text()
+    label = "Intensity — floor (untrained)"
+    assert "**Floor.**" in md
+    for title in ("S2 · embedded · quick", "S1 · embedded · quick"):
+        section = _section(md, title)
+        for block in section.split("### ")[1:]:  # every table of the section
+            if not block.startswith(("Table", "Further metrics", "Timings")):
+                continue
+            rows = [l for l in block.splitlines() if l.startswith("| ")][2:]  # after the header and the rule
+            assert rows[0].startswith(f"| {label} |"), (title, block[:60])
+    assert _row(_section(md, "S2 · embedded · quick"), label)[1:4] == ["70.0", "20.0", "45.0"]
+    # the bar chart draws the floor's mean per column as a dashed line
+    frame = records_frame(load_records([runs]).ok)
+    s2 = frame[frame["protocol"] == "S2"]
+    table = tables.comparison_table(s2, "x", "S2", leaderboard.load_published(PUBLISHED), "status")
+    plt = figures._pyplot()
+    fig, ax = plt.subplots()
+    assert figures._draw_floor(ax, table) is not None
+    drawn = sorted(float(c.get_segments()[0][0][1]) for c in ax.collections)
+    assert drawn == pytest.approx([20.0, 45.0, 70.0])  # FLAIR, T1 and the average of the floor row
+    plt.close(fig)
+    assert (out / "figures" / "s2_embedded_quick_table2.png").is_file()
+    assert "Intensity --- floor (untrained) &" in (out / "tables" / "s2_embedded_quick_table2.tex").read_text()

@@ -333,7 +333,7 @@ def test_s1_default_grid_cli(tmp_path, capsys):
     """The real rule: 197 x 233 x 189 MNI grid, axial slice 95, 128 x 128."""
     shape = (197, 233, 189)
     brain = nt.ellipsoid(shape, (0.8, 0.8, 0.8))
-    vol = np.where(brain, 100, 0).astype(np.int16)
+    vol = np.where(brain, 100 + np.arange(shape[0])[:, None, None] // 20, 0).astype(np.int16)  # not constant
     nt.write_nifti(tmp_path / "ixi" / "IXI002-Guys-0828-T1.nii.gz", vol)
     nt.write_nifti(tmp_path / "ixi" / "IXI012-HH-1211-T1.nii.gz", vol)
     t1, mask = nt.atlas_paths(tmp_path / "atlas", "sub-r009s001", cohort="R009")
@@ -346,7 +346,9 @@ def test_s1_default_grid_cli(tmp_path, capsys):
     s = load_slices(out)
     assert s.images.shape == (3, 1, 128, 128) and sorted(s.table.split) == ["test", "train", "val"]
     area = int(s.table.lesion_area.iloc[2])
-    assert abs(area - 600 * (128 / 233) ** 2) < 20 and s.table.size_bucket.iloc[2] == "medium"
+    # "nonzero" rule: every output pixel the 20 x 30 block overlaps (never fewer than its area share)
+    k = 128 / 233
+    assert 600 * k**2 <= area <= (20 * k + 2) * (30 * k + 2) and s.table.size_bucket.iloc[2] == "medium"
     assert _leftovers(tmp_path) == []
 
 
@@ -383,3 +385,133 @@ def test_s1_errors(tmp_path):
     shutil.copytree(src, dst)
     with pytest.raises(PrepareError, match="duplicate ATLAS subject id.*sub-r001s004"):
         prepare_atlas(tmp_path / "atlas", tmp_path / "a3", acfg, progress=False)
+
+
+# --------------------------------------------------------------------------- lesion mask rule (peers: resized value > 0)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(240, 128), (233, 128), (48, 16), (7, 3), (32, 48)])
+def test_nonzero_rule_matches_torch_area_resize(n_in, n_out):
+    """Independent reference: torch's area interpolation (what monai Resized(mode="area")
+    runs for IterMask2) of the 0/1 mask, then > 0."""
+    import torch
+    import torch.nn.functional as F
+
+    from datasets.prepare.common import resize_mask_nonzero
+
+    rng = np.random.default_rng(n_in)
+    for density in (0.001, 0.02, 0.3):
+        mask = (rng.random((n_in, n_in)) < density).astype(np.uint8)
+        ref = F.interpolate(torch.from_numpy(mask.astype(np.float64))[None, None], size=(n_out, n_out), mode="area")[0, 0] > 0
+        np.testing.assert_array_equal(resize_mask_nonzero(mask, n_out), ref.numpy().astype(np.uint8))
+        # and it is the support of our exact area resize
+        np.testing.assert_array_equal(resize_mask_nonzero(mask, n_out), (resize_area(mask.astype(np.float32), n_out) > 1e-6).astype(np.uint8))
+
+
+def _one_voxel_tumour(raw: Path, sid: str) -> None:
+    seg = nt.brats_dir(raw, sid) / f"{sid}_seg.nii.gz"
+    def fn(d):
+        out = np.zeros_like(d)
+        out[20, 22, 83] = 1  # one voxel, inside the brain, at the test slice
+        return out
+    nt.rewrite(seg, fn)
+
+
+def test_brats_lesion_rule_default_nonzero_and_threshold_option(tmp_path):
+    raw, csv, _ = brats(tmp_path, PAIR)
+    _one_voxel_tumour(raw, BAD)
+    run = lambda out, **cfg: prepare_brats21(raw, tmp_path / out, BraTSConfig(resolution=16, **cfg), split_csv=csv, progress=False)
+    s = load_slices(run("nonzero").path)
+    test = s.table[s.table.split == "test"]
+    assert test.lesion_area.tolist() == [1] and test.lesion_area_native.tolist() == [1]  # kept, as IterMask2 keeps it
+    assert s.manifest["preprocessing"]["lesion_mask_rule"] == "nonzero" and s.manifest["summary"]["n_warnings"] == 0
+    old = run("threshold", lesion_mask_rule="threshold")
+    s = load_slices(old.path)
+    assert s.table[s.table.split == "test"].lesion_area.tolist() == [0]  # 1/9 of a pixel < 0.5: erased
+    assert s.manifest["preprocessing"]["lesion_mask_rule"] == "threshold"
+    assert s.manifest["summary"]["n_warnings"] == 1 and "vanishes at 16x16" in s.manifest["summary"]["warnings"][BAD][0]
+    assert "vanishes" in old.summary.report("brats21")
+    with pytest.raises(PrepareError, match="lesion_mask_rule must be one of"):
+        run("bad", lesion_mask_rule="half")
+
+
+def test_atlas_lesion_rule_nonzero(tmp_path):
+    nt.make_atlas_tree(tmp_path / "atlas", lesion_areas=(1, 5))
+    cfg = dict(expected_shape=nt.SMALL_S1_SHAPE, resolution=16)  # 48 -> 16: a pixel holds 9 voxels
+    a = load_slices(prepare_atlas(tmp_path / "atlas", tmp_path / "a", ATLASConfig(**cfg), progress=False).path)
+    b = prepare_atlas(tmp_path / "atlas", tmp_path / "b", ATLASConfig(**cfg, lesion_mask_rule="threshold"), progress=False)
+    assert (a.table.lesion_area > 0).all() and a.manifest["preprocessing"]["lesion_mask_rule"] == "nonzero"
+    assert load_slices(b.path).table.lesion_area.tolist()[0] == 0 and b.summary.n_warnings >= 1
+
+
+# --------------------------------------------------------------------------- bad options and suspicious input
+
+
+def _cli_error(capsys, argv) -> str:
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_cli_bad_options_fail_with_one_line(tmp_path, capsys):
+    raw, csv, _ = brats(tmp_path, PAIR)
+    args = ["brats21", "--raw", str(raw), "--split-csv", str(csv), "--no-progress", "--workers", "1"]
+    for value in ("0", "-5"):
+        err = _cli_error(capsys, [*args, "--out", str(tmp_path / "r"), "--resolution", value])
+        assert "--resolution must be a positive integer" in err and value in err
+    err = _cli_error(capsys, [*args, "--out", str(tmp_path / "r"), "--slice-start", "90", "--slice-stop", "70"])
+    assert "empty slice range" in err and "--slice-start 90" in err
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    err = _cli_error(capsys, [*args, "--out", str(blocker / "set")])
+    assert "cannot write" in err and "file.txt" in err
+    err = _cli_error(capsys, ["s1", "--ixi", str(tmp_path), "--atlas", str(tmp_path), "--out", str(tmp_path / "s1"), "--resolution", "0"])
+    assert "--resolution" in err
+    err = _cli_error(capsys, ["atlas", "--raw", str(tmp_path), "--out", str(tmp_path / "a"), "--slice-index", "-1"])
+    assert "--slice-index must be >= 0" in err
+    assert not (tmp_path / "r").exists() and _leftovers(tmp_path) == []
+
+
+def test_brats_not_skull_stripped_constant_modality_and_lesion_outside_brain(tmp_path):
+    splits = {"BraTS2021_00000": "train", BAD: "test", "BraTS2021_00012": "test", "BraTS2021_00013": "test"}
+    raw, csv, run = brats(tmp_path, splits)
+    # a head with a noisy non-zero background in every modality: the brain mask fills the slice
+    for suf in nt.BRATS_FILES.values():
+        nt.rewrite(_bad(raw, suf), lambda d: (d + 1.0 + np.random.default_rng(0).random(d.shape)).astype(np.float32))
+    # a constant T2 inside the brain
+    t2 = nt.brats_dir(raw, "BraTS2021_00012") / "BraTS2021_00012_t2.nii.gz"
+    nt.rewrite(t2, lambda d: np.where(d != 0, 7.0, 0.0).astype(np.float32))
+    # tumour voxels in the background corner of the test slice
+    seg = nt.brats_dir(raw, "BraTS2021_00013") / "BraTS2021_00013_seg.nii.gz"
+    def corner(d):
+        d = d.copy()
+        d[0:2, 0:2, 83] = 2
+        return d
+    nt.rewrite(seg, corner)
+    outcome = run()
+    assert "not skull-stripped" in outcome.summary.skipped[BAD] and f"{BAD}_t1.nii.gz" in outcome.summary.skipped[BAD]
+    reason = outcome.summary.skipped["BraTS2021_00012"]
+    assert "constant inside the brain" in reason and "BraTS2021_00012_t2.nii.gz" in reason and "T2" in reason
+    m = load_slices(outcome.path).manifest
+    assert m["summary"]["n_warnings"] == 1
+    warning = m["summary"]["warnings"]["BraTS2021_00013"][0]
+    assert "4 of" in warning and "outside the brain mask" in warning and "slice 83" in warning
+    with pytest.raises(PrepareError, match="strict"):
+        run("strict", strict=True)
+
+
+def test_s1_not_skull_stripped_and_lesion_outside_brain(tmp_path):
+    ixi = nt.make_ixi_tree(tmp_path / "ixi", n=3)
+    nt.rewrite(ixi["IXI003-Guys-0801"], lambda d: (d + 5.0).astype(np.float32))  # background 5: a skull / noise
+    o = prepare_ixi(tmp_path / "ixi", tmp_path / "i", IXIConfig(**SMALL_S1), progress=False)
+    assert "not skull-stripped" in o.summary.skipped["IXI003-Guys-0801"] and "axial slice 95" in o.summary.skipped["IXI003-Guys-0801"]
+    atlas = nt.make_atlas_tree(tmp_path / "atlas", lesion_areas=(30,))
+    def corner(d):
+        d = d.copy()
+        d[0, 0:3, 95] = 1
+        return d
+    nt.rewrite(atlas["sub-r001s001"][1], corner)
+    o = prepare_atlas(tmp_path / "atlas", tmp_path / "a", ATLASConfig(**SMALL_S1), progress=False)
+    warnings = load_slices(o.path).manifest["summary"]["warnings"]["sub-r001s001"]
+    assert len(warnings) == 1 and "3 of 33 lesion voxel(s) lie outside the brain mask" in warnings[0] and "T1lesion_mask" in warnings[0]

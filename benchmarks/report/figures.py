@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .published import FLOOR_MARK, is_floor
 from .tables import Cell, Table
 
 _NONE = Cell()  # stands in for a missing cell
@@ -47,11 +48,15 @@ def bar_chart(table: Table, title: str, path: Path) -> Path | None:
             errorbar="sd", capsize=0.15, err_kws={"linewidth": 1.0}, palette=palette, ax=ax,
         )
         marked = _mark_published(ax, table, hue_order)
+        floor = _draw_floor(ax, table)
         ax.set_xlabel("")
         ax.set_ylabel("Max Dice (%)")
         ax.set_ylim(0, max(100.0, float(long["value"].max()) * 1.05))
         ax.set_title(_wrap(title, int(width * 9)), fontsize=10)
         handles, labels = ax.get_legend_handles_labels()
+        if floor is not None:
+            handles.append(floor)
+            labels.append(f"{FLOOR_MARK}: to beat")
         if marked:
             handles.append(ax.scatter([], [], marker="D", facecolors="none", edgecolors="black", s=26))
             labels.append(table.published_caption.replace(" (", "\n(") + f"\n{table.published_short}")
@@ -65,6 +70,19 @@ def bar_chart(table: Table, title: str, path: Path) -> Path | None:
 
 def _wrap(title: str, width: int) -> str:
     return "\n".join(textwrap.fill(line, width) for line in title.splitlines())
+
+
+def _draw_floor(ax, table: Table):
+    """A dashed line across each column group at the untrained floor's mean; its handle, or None."""
+    rows = [r for r in table.rows if is_floor(r.method) and r.variant == "default"]
+    if not rows:
+        return None
+    line = None
+    for i, column in enumerate(table.columns):
+        cell = rows[0].cells.get(column, _NONE)
+        if cell.n:
+            line = ax.hlines(cell.mean, i - 0.48, i + 0.48, colors="black", linestyles="--", linewidth=1.0, zorder=6)
+    return line
 
 
 def _mark_published(ax, table: Table, hue_order: list[str]) -> bool:

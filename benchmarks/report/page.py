@@ -10,7 +10,7 @@ import pandas as pd
 
 from . import figures, tables
 from .collect import RecordSet, error_line, job_key, records_frame
-from .published import PUBLISHED_DATA, Published, display_name, method_rank
+from .published import FLOOR_MARK, PUBLISHED_DATA, Published, display_name, method_rank
 from .tables import Table
 
 QUICK_LABEL = "quick profile (smoke-test scale, not comparable to papers)"
@@ -206,6 +206,10 @@ def _how_to_read() -> list[str]:
         "The best mean of each column is bold. Sections never mix profiles, data sets or protocols; "
         f"{QUICK_LABEL} sections are smoke tests. S2's `average` is, per seed, the mean over all modalities of the "
         "section, then mean ± std over seeds (a seed missing a modality has no average).",
+        "",
+        f"**Floor.** Rows marked *{FLOOR_MARK}* are the untrained intensity map (Meissen et al., 2021): the slice's own "
+        "intensity in the brain (its shifted negative for T1/T1CE). A learned method that does not beat it has learned "
+        "nothing beyond \"bright (or dark) is abnormal\"; bar charts draw it as a dashed line.",
         "",
         f"**Paired test.** {tables.TEST_NAME}.",
         "",

@@ -10,6 +10,7 @@ import pandas as pd
 
 # Registry id -> the name the papers print.
 PUBLISHED_NAMES: dict[str, str] = {
+    "intensity": "Intensity",
     "ae": "AE",
     "ddpm": "DDPM",
     "anoddpm": "AnoDDPM",
@@ -19,7 +20,10 @@ PUBLISHED_NAMES: dict[str, str] = {
     "madad": "MAD-AD",
 }
 # The order the papers list the methods in; unknown methods follow alphabetically.
-METHOD_ORDER: tuple[str, ...] = ("ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "madad")
+METHOD_ORDER: tuple[str, ...] = ("intensity", "ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "madad")
+# Untrained floors (Meissen et al., 2021): shown first and marked, the score to beat.
+FLOOR_METHODS: tuple[str, ...] = ("intensity",)
+FLOOR_MARK = "floor (untrained)"
 # Which data each protocol's published numbers come from.
 PUBLISHED_DATA: dict[str, str] = {"S1": "IXI → ATLAS 2.0", "S2": "BraTS'21"}
 COLUMNS = ("source", "table", "protocol", "method", "column", "max_dice", "note")
@@ -33,9 +37,14 @@ def method_rank(method: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
+def is_floor(method: str) -> bool:
+    return method in FLOOR_METHODS
+
+
 def row_label(method: str, variant: str) -> str:
-    """Our label for a (method, variant) row: 'MAD-AD' or 'MAD-AD [ddim_steps=2]'."""
-    return display_name(method) if variant == "default" else f"{display_name(method)} [{variant}]"
+    """Our label for a (method, variant) row: 'MAD-AD', 'MAD-AD [ddim_steps=2]', 'Intensity — floor (untrained)'."""
+    name = f"{display_name(method)} — {FLOOR_MARK}" if is_floor(method) else display_name(method)
+    return name if variant == "default" else f"{name} [{variant}]"
 
 
 def _normalise(label: str) -> str:

@@ -504,7 +504,7 @@ _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$",
 
 def latex_escape(text: str) -> str:
     text = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
-    return text.replace("±", r"$\pm$").replace("–", "--").replace("→", r"$\to$").replace("†", r"$^\dagger$")
+    return text.replace("±", r"$\pm$").replace("—", "---").replace("–", "--").replace("→", r"$\to$").replace("†", r"$^\dagger$")
 
 
 def to_latex(table: Table, caption: str) -> str:

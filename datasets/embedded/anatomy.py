@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
+from datasets.embedded import stable_math
+
 TEMPLATE_FILES: dict[str, str] = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
     "gm": "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz",
@@ -148,20 +150,43 @@ def t1_residual(t1: np.ndarray, maps: dict[str, np.ndarray], stride: int = 7) ->
     fit uses every ``stride``-th brain voxel.
     """
     inside = np.flatnonzero(maps["brain"].ravel() > 0)[::stride]
-    design = np.stack([maps[k].ravel()[inside] for k in ("gm", "wm", "csf")], axis=1).astype(np.float64)
-    coef, *_ = np.linalg.lstsq(design, t1.ravel()[inside].astype(np.float64), rcond=None)
-    fitted = sum(float(c) * maps[k] for c, k in zip(coef, ("gm", "wm", "csf")))
+    design = [maps[k].ravel()[inside].astype(np.float64) for k in ("gm", "wm", "csf")]
+    target = t1.ravel()[inside].astype(np.float64)
+    # Normal equations summed by NumPy (pairwise, the same on every CPU) and solved by
+    # Cramer's rule in Python floats: LAPACK's lstsq runs BLAS kernels chosen per CPU.
+    gram = [[float((a * b).sum()) for b in design] for a in design]
+    rhs = [float((a * target).sum()) for a in design]
+    coef = solve3(gram, rhs)
+    fitted = sum(c * maps[k] for c, k in zip(coef, ("gm", "wm", "csf")))
     return ((t1 - fitted) * maps["brain"]).astype(np.float32)
+
+
+def det3(m: list[list[float]]) -> float:
+    return (m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]))
+
+
+def solve3(m: list[list[float]], b: list[float]) -> list[float]:
+    """Solve a 3 x 3 system by Cramer's rule (plain float arithmetic: CPU-independent bits)."""
+    d = det3(m)
+    if d == 0:
+        raise ValueError("singular 3 x 3 system (tissue maps are linearly dependent)")
+    out = []
+    for j in range(3):
+        mj = [[b[i] if k == j else m[i][k] for k in range(3)] for i in range(3)]
+        out.append(det3(mj) / d)
+    return out
 
 
 def pial_map(maps: dict[str, np.ndarray], depth_mm: float = 4.0) -> np.ndarray:
     """CSF near the brain surface (sulci, where pial vessels run): used for T1CE enhancement.
 
     Depth is a taxicab distance transform: cheap, and the exact metric does not matter
-    for a soft exponential weight.
+    for a soft exponential weight. The exponential is ``stable_math.exp`` (same bits on
+    every CPU; NumPy's float32 ``exp`` depends on the vector instruction set).
     """
-    depth = ndi.distance_transform_cdt(maps["brain"] > 0, metric="taxicab").astype(np.float32)
-    return (maps["csf"] * np.exp(-depth / depth_mm)).astype(np.float32)
+    depth = ndi.distance_transform_cdt(maps["brain"] > 0, metric="taxicab").astype(np.float64)
+    return (maps["csf"] * stable_math.exp(-depth / depth_mm)).astype(np.float32)
 
 
 CROP_MARGIN_MM = 6

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 from scipy import ndimage as ndi
 
+from datasets.embedded import stable_math
 from datasets.embedded.anatomy import CHANNELS, Anatomy
 
 
@@ -63,7 +66,7 @@ def sample_coordinates(rng: np.random.Generator, anatomy: Anatomy, z: float, cfg
     elastic = np.stack([smooth_field(rng, res, cfg.elastic_grid, cfg.elastic_std_mm) for _ in range(2)])
 
     # inverse mapping output -> source: a zoom > 1 magnifies the brain
-    cos, sin = np.cos(angle), np.sin(angle)
+    cos, sin = math.cos(angle), math.sin(angle)  # scalar libm, not a NumPy SIMD kernel
     src_r = (cos * rows - sin * cols) / zoom[0]
     src_c = (sin * rows + cos * cols) / zoom[1]
     src_r = src_r + centre + shift[0] + elastic[0]
@@ -91,7 +94,7 @@ def sample_channels(anatomy: Anatomy, coords: np.ndarray) -> dict[str, np.ndarra
 
 def bias_field(rng: np.random.Generator, size: int, cfg: AugmentConfig) -> np.ndarray:
     """Smooth multiplicative intensity inhomogeneity with mean about 1."""
-    return np.exp(smooth_field(rng, size, cfg.bias_grid, cfg.bias_std)).astype(np.float32)
+    return stable_math.exp(smooth_field(rng, size, cfg.bias_grid, cfg.bias_std)).astype(np.float32)
 
 
 def rician_noise(rng: np.random.Generator, image: np.ndarray, sigma: float) -> np.ndarray:
@@ -113,5 +116,5 @@ def normalise(image: np.ndarray, brain: np.ndarray, percentiles: tuple[float, fl
 
 def gamma_jitter(rng: np.random.Generator, image: np.ndarray, cfg: AugmentConfig) -> np.ndarray:
     """Contrast jitter: x -> x ** gamma on the normalised image (keeps 0, 1 and the order)."""
-    gamma = float(np.exp(rng.normal(0.0, cfg.gamma_log_std)))
-    return np.power(image, gamma, dtype=np.float32)
+    gamma = float(stable_math.exp(rng.normal(0.0, cfg.gamma_log_std)))
+    return stable_math.power(image, gamma).astype(np.float32)

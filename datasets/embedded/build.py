@@ -29,7 +29,7 @@ from datasets.format import DatasetFormatError, SliceSet, array_fingerprint, loa
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: CPU-independent transcendentals (stable_math)
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 GOLDEN = 0.6180339887498949  # low-discrepancy axial positions, stable under prefixes
 LICENCE_NOTE = (

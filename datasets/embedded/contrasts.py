@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from datasets.embedded import stable_math
+
 MODALITIES: tuple[str, ...] = ("T1", "T1CE", "T2", "FLAIR")
 
 # Tissue means (CSF, GM, WM) of the synthetic contrasts, arbitrary units.
@@ -57,7 +59,8 @@ def synthesise(
     t1 = channels["t1"]
     t1_means = t1_tissue_means(channels)
     t1_gm_wm = t1_means[1] - t1_means[2]
-    resid = RESIDUAL_CLIP * np.tanh(channels["t1_residual"] / RESIDUAL_CLIP)
+    # soft clip; stable_math.tanh: NumPy's float32 tanh differs between CPUs
+    resid = (RESIDUAL_CLIP * stable_math.tanh(channels["t1_residual"].astype(np.float64) / RESIDUAL_CLIP)).astype(np.float32)
     images: dict[str, np.ndarray] = {"T1": t1.astype(np.float32)}
     levels: dict[str, tuple[float, float, float]] = {"T1": t1_means}
 

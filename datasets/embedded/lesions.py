@@ -14,11 +14,13 @@ of both: S1 small (3, 71], medium (71, 570], large > 570; S2 < 200, 200..799, >=
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from datasets.embedded import stable_math
 from datasets.embedded.augment import smooth_field
 
 REFERENCE_RESOLUTION = 128
@@ -73,18 +75,35 @@ class BlobShape:
     harmonics: np.ndarray  # m x 3: order, amplitude, phase
 
     def radius_field(self, size: int, scale: float = 1.0) -> np.ndarray:
-        """Normalised radius r at every pixel: < 1 inside the lesion."""
+        """Normalised radius r at every pixel: < 1 inside the lesion.
+
+        Only +, -, *, /, sqrt on arrays and scalar libm cos/sin: NumPy's vector
+        transcendentals (arctan2, cos, hypot) may differ between CPUs in the last bit.
+        """
         rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
         rad = self.radius * scale
         r = np.full((size, size), np.inf)
         for off, ax, ang in zip(self.offsets, self.axes, self.angles):
+            cos, sin = math.cos(float(ang)), math.sin(float(ang))
             dr = rows - (self.centre[0] + off[0] * rad)
             dc = cols - (self.centre[1] + off[1] * rad)
-            u = (np.cos(ang) * dr + np.sin(ang) * dc) / (ax[0] * rad)
-            v = (-np.sin(ang) * dr + np.cos(ang) * dc) / (ax[1] * rad)
-            r = np.minimum(r, np.hypot(u, v))
-        phi = np.arctan2(rows - self.centre[0], cols - self.centre[1])
-        wobble = sum(a * np.cos(k * phi + p) for k, a, p in self.harmonics)
+            u = (cos * dr + sin * dc) / (ax[0] * rad)
+            v = (-sin * dr + cos * dc) / (ax[1] * rad)
+            r = np.minimum(r, np.sqrt(u * u + v * v))
+        # cos(k phi + p) with phi the polar angle about the centre, from the unit vector
+        # (cos phi, sin phi) raised to the k-th power by complex multiplication
+        dr, dc = rows - self.centre[0], cols - self.centre[1]
+        rho = np.sqrt(dr * dr + dc * dc)
+        c1 = np.where(rho > 0, dc / np.where(rho > 0, rho, 1.0), 1.0)
+        s1 = np.where(rho > 0, dr / np.where(rho > 0, rho, 1.0), 0.0)
+        powers, ck, sk = {1: (c1, s1)}, c1, s1
+        for k in range(2, int(max(self.harmonics[:, 0], default=1)) + 1):
+            ck, sk = ck * c1 - sk * s1, sk * c1 + ck * s1
+            powers[k] = (ck, sk)
+        wobble = np.zeros_like(rows)
+        for k, a, p in self.harmonics:
+            ck, sk = powers[int(k)]
+            wobble = wobble + a * (ck * math.cos(float(p)) - sk * math.sin(float(p)))
         return r / (1.0 + wobble)
 
 
@@ -129,7 +148,7 @@ class Lesion:
 
 def soft_occupancy(r: np.ndarray, radius_px: float, edge_px: float = 0.5) -> np.ndarray:
     """Logistic ramp across r = 1; (1 - r) * radius approximates the signed distance in px."""
-    return (1.0 / (1.0 + np.exp(-np.clip((1.0 - r) * radius_px / edge_px, -30, 30)))).astype(np.float32)
+    return stable_math.logistic(np.clip((1.0 - r) * radius_px / edge_px, -30, 30)).astype(np.float32)
 
 
 def make_lesion(
@@ -147,7 +166,7 @@ def make_lesion(
     lo, hi = max(1.0, size_class.lo * k), max(1.0, size_class.hi * k)
     best: tuple[float, np.ndarray, float, BlobShape] | None = None
     for _ in range(max_shapes):
-        target = float(np.exp(rng.uniform(*np.log(size_class.target)))) * k
+        target = float(stable_math.exp(rng.uniform(*stable_math.log(np.array(size_class.target))))) * k
         target = min(max(target, lo), hi)
         centre = choose_centre(rng, wm, gm, brain, np.sqrt(target / np.pi))
         shape = random_shape(rng, centre, target)

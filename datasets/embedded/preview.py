@@ -14,7 +14,8 @@ def pick_examples(data: SliceSet, n_train: int = 3, n_test: int = 5) -> list[int
     """A few train slices spread over z and one test slice per size class (largest first)."""
     table = data.table
     train = table.index[table["split"] == "train"].to_numpy()
-    train = train[np.argsort(table.loc[train, "slice_index"].to_numpy())]
+    # stable: ties in z keep table order (the default introsort may order them per CPU)
+    train = train[np.argsort(table.loc[train, "slice_index"].to_numpy(), kind="stable")]
     chosen = list(train[np.linspace(0, len(train) - 1, n_train).round().astype(int)]) if len(train) else []
     test = table[table["split"] == "test"]
     if "size_class" in test:

@@ -11,6 +11,7 @@ from pathlib import Path
 from datasets.prepare.atlas import ATLASConfig, prepare_atlas
 from datasets.prepare.brats21 import DEFAULT_SPLIT_CSV, BraTSConfig, prepare_brats21
 from datasets.prepare.combine import prepare_s1
+from datasets.format import DatasetFormatError
 from datasets.prepare.common import Outcome, PrepareError
 from datasets.prepare.ixi import IXIConfig, prepare_ixi
 
@@ -77,8 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         outcome = run(args)
-    except PrepareError as exc:
+    except (PrepareError, DatasetFormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. the disk filled up while writing: one line, not a traceback
+        print(f"error: {exc.filename or args.out}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     print(outcome.summary.report(args.dataset), file=sys.stderr)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

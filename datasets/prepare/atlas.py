@@ -31,7 +31,7 @@ from datasets.prepare.common import (
     raise_duplicates,
     run_preparation,
 )
-from datasets.prepare.s1 import S1Config, bucket_of, check_grid, s1_manifest_base, s1_slice
+from datasets.prepare.s1 import S1Config, bucket_of, check_config, check_grid, s1_manifest_base, s1_slice
 
 T1_SUFFIX = "_T1w.nii.gz"
 MASK_SUFFIX = "_label-L_desc-T1lesion_mask.nii.gz"
@@ -66,8 +66,8 @@ def process_subject(cfg: ATLASConfig, subject_id: str, t1: str, mask: str) -> Su
     lesion_vol = load_volume(mask, canonical=True)
     check_same_grid(vol, lesion_vol, cfg.affine_atol)
     lesion = (check_labels(lesion_vol, cfg.lesion_labels) > 0).astype("uint8")
-    rec = s1_slice(vol, lesion, cfg, "test")
-    return SubjectResult(subject_id=subject_id, slices=[rec])
+    rec, warnings = s1_slice(vol, lesion, cfg, "test")
+    return SubjectResult(subject_id=subject_id, slices=[rec], warnings=[f"{Path(mask).name} {w}" for w in warnings])
 
 
 def prepare_atlas(
@@ -81,6 +81,7 @@ def prepare_atlas(
     progress: bool = True,
 ) -> Outcome:
     cfg = config or ATLASConfig()
+    check_config(cfg)
     raw = Path(raw)
     subjects = find_subjects(raw, cfg)
     jobs = [(cfg, sid, str(t1), str(mask)) for sid, (t1, mask) in subjects.items()]

@@ -14,7 +14,8 @@ Rules (all parameters of ``BraTSConfig``): subject split from the split CSV (def
 ``slice_start .. slice_stop-1`` (70..89) along the stored third voxel axis; train and val
 keep the slices without tumour; test keeps per subject the slice with the largest tumour
 (first maximum); brain mask = voxels non-zero in any modality; each modality divided by
-the 90th percentile of its brain voxels, background set to 0; pad to square; area resize.
+the 90th percentile of its brain voxels, background set to 0; pad to square; area resize;
+lesion mask = area-resized tumour mask > 0 (IterMask2's rule; ``lesion_mask_rule``).
 """
 
 from __future__ import annotations
@@ -36,14 +37,19 @@ from datasets.prepare.common import (
     SubjectResult,
     Summary,
     check_axial_order,
+    check_brain_fraction,
+    check_common_config,
     check_labels,
+    check_not_constant,
     check_same_grid,
     config_dict,
     find_duplicates,
     load_volume,
     pad_to_square,
+    lesion_warnings,
     raise_duplicates,
     resize_area,
+    resize_lesion,
     resize_mask,
     run_preparation,
     size_bucket,
@@ -73,8 +79,13 @@ class BraTSConfig:
     background_value: float = 0.0
     pad_value: float = 0.0
     image_interpolation: str = "area"
-    mask_interpolation: str = "area+threshold"
+    mask_interpolation: str = "area+threshold"  # brain mask: area fraction >= mask_threshold
     mask_threshold: float = 0.5
+    # Lesion mask: "nonzero" = resized value > 0 (IterMask2: datasets/brats2021.py resizes the
+    # seg with monai Resized, default mode "area", and test.py keeps seg > 0); "threshold" =
+    # area fraction >= mask_threshold (this suite's rule before prepare_version 2).
+    lesion_mask_rule: str = "nonzero"
+    max_brain_fraction: float = 0.7  # a larger brain mask in a chosen slice means skull / noisy background
     affine_atol: float = 1e-3
     orientation: str = "stored voxel order; rows anterior->posterior, columns left->right (flips only)"
     bucket_edges: tuple[int, ...] = (1, 200, 800)  # [e_k, e_k+1) pixels at `resolution`
@@ -83,6 +94,16 @@ class BraTSConfig:
     @property
     def slice_range(self) -> range:
         return range(self.slice_start, self.slice_stop)
+
+
+def check_config(cfg: BraTSConfig) -> None:
+    check_common_config(cfg)
+    if cfg.slice_start < 0:
+        raise PrepareError(f"--slice-start must be >= 0, got {cfg.slice_start}")
+    if cfg.slice_stop <= cfg.slice_start:
+        raise PrepareError(
+            f"empty slice range: --slice-start {cfg.slice_start} must be below --slice-stop {cfg.slice_stop} (one past the last slice)"
+        )
 
 
 def read_split(path: Path) -> dict[str, str]:
@@ -149,7 +170,12 @@ def process_subject(cfg: BraTSConfig, subject_id: str, folder: str, split: str) 
     assert brain is not None
     if not brain.any():
         raise SubjectError(paths[cfg.modalities[0]], f"empty brain (all modalities zero) for {subject_id}")
+    for m in cfg.modalities:
+        check_not_constant(slices[m][brain], paths[m], f"modality {m}")
+    for z in chosen:
+        check_brain_fraction(brain[:, :, z], cfg.max_brain_fraction, paths[cfg.modalities[0]], f"axial slice {z}")
     scale: dict[str, float] = {}
+    warnings: list[str] = []
     for m in cfg.modalities:
         p = float(np.percentile(slices[m][brain], cfg.scale_percentile))
         if not p > 0:
@@ -164,11 +190,12 @@ def process_subject(cfg: BraTSConfig, subject_id: str, folder: str, split: str) 
             x[~b2] = cfg.background_value
             chans.append(resize_area(pad_to_square(to_display(x, codes), cfg.pad_value), cfg.resolution))
         brain_r = resize_mask(pad_to_square(to_display(b2.astype(np.uint8), codes)), cfg.resolution, cfg.mask_threshold)
-        lesion_r = resize_mask(pad_to_square(to_display(seg[:, :, z].astype(np.uint8), codes)), cfg.resolution, cfg.mask_threshold)
+        lesion_r = resize_lesion(pad_to_square(to_display(seg[:, :, z].astype(np.uint8), codes)), cfg.resolution, cfg.lesion_mask_rule, cfg.mask_threshold)
+        warnings += lesion_warnings(seg[:, :, z], b2, lesion_r, cfg.lesion_mask_rule, cfg.resolution, f"{Path(files['seg']).name} slice {z}")
         info = {f"p{cfg.scale_percentile:g}_{m}": scale[m] for m in cfg.modalities}
         info["lesion_area_native"] = int(seg[:, :, z].sum())
         records.append(SliceRecord(z, np.stack(chans).astype(np.float32), lesion_r, brain_r, split, info))
-    return SubjectResult(subject_id, slices=records)
+    return SubjectResult(subject_id, slices=records, warnings=warnings)
 
 
 def prepare_brats21(
@@ -184,6 +211,7 @@ def prepare_brats21(
     progress: bool = True,
 ) -> Outcome:
     cfg = config or BraTSConfig()
+    check_config(cfg)
     raw = Path(raw)
     split_path = Path(split_csv) if split_csv is not None else DEFAULT_SPLIT_CSV
     split = read_split(split_path)

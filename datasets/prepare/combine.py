@@ -16,9 +16,9 @@ import pandas as pd
 
 from datasets.format import MANIFEST_FILE, SliceSet, load_slices
 from datasets.prepare.atlas import ATLASConfig, prepare_atlas
-from datasets.prepare.common import Outcome, PrepareError, Summary, finalize_manifest, remove_tree, write_set
+from datasets.prepare.common import Outcome, PrepareError, Summary, check_writable, finalize_manifest, remove_tree, write_set
 from datasets.prepare.ixi import IXIConfig, prepare_ixi
-from datasets.prepare.s1 import S1_SHARED_KEYS
+from datasets.prepare.s1 import S1_SHARED_KEYS, check_config
 
 
 def combine_s1(ixi: SliceSet, atlas: SliceSet) -> SliceSet:
@@ -88,7 +88,9 @@ def prepare_s1(
     out = Path(out)
     if out.exists() and not overwrite:
         raise PrepareError(f"{out}: already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for cfg in (ixi_config or IXIConfig(), atlas_config or ATLASConfig()):
+        check_config(cfg)
+    check_writable(out)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".parts"))
     summary = Summary()
     try:
@@ -103,6 +105,7 @@ def prepare_s1(
             summary.used += res.summary.used
             summary.skipped.update({f"{name}:{k}": v for k, v in res.summary.skipped.items()})
             summary.excluded.update({f"{name}:{k}": v for k, v in res.summary.excluded.items()})
+            summary.warnings.update({f"{name}:{k}": v for k, v in res.summary.warnings.items()})
             parts[name] = load_slices(work / name)
         combined = combine_s1(parts["ixi"], parts["atlas"])
         write_set(combined, out, overwrite)

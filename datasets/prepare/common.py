@@ -6,8 +6,12 @@ Errors come in two kinds:
 * ``SubjectError`` -- one subject's input is bad (unreadable file, missing modality, NaN,
   ...). The subject is skipped and listed in the summary; ``--strict`` turns any skip
   into a ``PrepareError``.
-* ``PrepareError`` -- the preparation as a whole cannot go on (no usable subject,
-  duplicate subject ids, a split CSV naming subjects that are missing, ...).
+* ``PrepareError`` -- the preparation as a whole cannot go on (a bad option, an output
+  folder that cannot be written, no usable subject, duplicate subject ids, a split CSV
+  naming subjects that are missing, ...).
+
+Input that is usable but suspicious (lesion voxels outside the brain, a lesion the resize
+erases) is kept and listed as a warning, counted in the manifest's ``summary``.
 
 Every message names the file it is about.
 """
@@ -32,7 +36,14 @@ import pandas as pd
 
 from datasets.format import SliceSet, array_fingerprint, save_slices
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: lesion masks resized with the peers' "value > 0" rule by default
+
+# How a lesion mask is brought to the output resolution (area interpolation, then):
+#   "nonzero"   -- a pixel is lesion if its resized value is > 0, i.e. it overlaps any lesion
+#                  voxel (IterMask2: monai Resized(mode="area") then seg > 0; THOR: masks > 0);
+#   "threshold" -- a pixel is lesion if the lesion covers >= mask_threshold of it (this suite's
+#                  rule before; shrinks small lesions and can erase them).
+LESION_MASK_RULES = ("nonzero", "threshold")
 
 
 class PrepareError(RuntimeError):
@@ -187,6 +198,89 @@ def resize_mask(mask: np.ndarray, size: int, threshold: float = 0.5) -> np.ndarr
     return (resize_area(mask.astype(np.float32), size) >= threshold).astype(np.uint8)
 
 
+@lru_cache(maxsize=32)
+def overlap_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out x n_in) 0/1: output pixel i overlaps input pixel j, i.e. floor(i n_in / n_out)
+    <= j < ceil((i + 1) n_in / n_out) -- exactly the pixels with a non-zero weight in
+    ``area_matrix`` (and in torch's adaptive average pooling), in integer arithmetic."""
+    i = np.arange(n_out)[:, None]
+    j = np.arange(n_in)[None, :]
+    lo = (i * n_in) // n_out
+    hi = -((-(i + 1) * n_in) // n_out)
+    m = ((j >= lo) & (j < hi)).astype(np.int64)
+    m.flags.writeable = False
+    return m
+
+
+def resize_mask_nonzero(mask: np.ndarray, size: int) -> np.ndarray:
+    """Binary mask: a pixel is 1 where its area-resized value is > 0 (it overlaps a 1)."""
+    h, w = mask.shape
+    counts = overlap_matrix(h, size) @ (mask != 0).astype(np.int64) @ overlap_matrix(w, size).T
+    return (counts > 0).astype(np.uint8)
+
+
+def resize_lesion(mask: np.ndarray, size: int, rule: str, threshold: float) -> np.ndarray:
+    """Lesion mask at ``size`` under ``rule`` (see ``LESION_MASK_RULES``)."""
+    if rule == "nonzero":
+        return resize_mask_nonzero(mask, size)
+    if rule == "threshold":
+        return resize_mask(mask, size, threshold)
+    raise PrepareError(f"lesion_mask_rule must be one of {LESION_MASK_RULES}, got {rule!r}")
+
+
+def check_common_config(cfg: Any) -> None:
+    """Options every preparation shares; a bad value stops the run before any subject."""
+    if not isinstance(cfg.resolution, (int, np.integer)) or isinstance(cfg.resolution, bool) or cfg.resolution < 1:
+        raise PrepareError(f"--resolution must be a positive integer (output slices are resolution x resolution), got {cfg.resolution!r}")
+    if cfg.lesion_mask_rule not in LESION_MASK_RULES:
+        raise PrepareError(f"lesion_mask_rule must be one of {', '.join(LESION_MASK_RULES)}, got {cfg.lesion_mask_rule!r}")
+    if not 0 < cfg.mask_threshold <= 1:
+        raise PrepareError(f"mask_threshold must be in (0, 1], got {cfg.mask_threshold!r}")
+    if not 0 < cfg.max_brain_fraction <= 1:
+        raise PrepareError(f"max_brain_fraction must be in (0, 1], got {cfg.max_brain_fraction!r}")
+
+
+def check_brain_fraction(brain2d: np.ndarray, limit: float, path: str, where: str) -> None:
+    """A skull-stripped brain fills well under the whole slice (about 30-40 % of BraTS's and
+    the MNI grid's field of view); a mask covering most of it means skull or a noisy
+    non-zero background was counted as brain."""
+    fraction = float(np.count_nonzero(brain2d)) / brain2d.size
+    if fraction > limit:
+        raise SubjectError(
+            path,
+            f"brain mask covers {fraction:.0%} of {where} (limit {limit:.0%}): the input looks not "
+            "skull-stripped or has a non-zero background; skull-strip it first (see docs/data-preparation.md)",
+        )
+
+
+def check_not_constant(values: np.ndarray, path: str, what: str) -> None:
+    """A modality with one value in the whole brain has no contrast to normalise."""
+    if values.size and values.min() == values.max():
+        raise SubjectError(path, f"{what} is constant inside the brain (every voxel {float(values.min()):g}); no contrast to use")
+
+
+def lesion_warnings(native: np.ndarray, brain2d: np.ndarray, resized: np.ndarray, rule: str, size: int, where: str) -> list[str]:
+    """Counted warnings for a slice's lesion: voxels outside the brain, erased by the resize."""
+    out = []
+    n_lesion = int(np.count_nonzero(native))
+    outside = int(np.count_nonzero((native != 0) & (brain2d == 0)))
+    if outside:
+        out.append(f"{where}: {outside} of {n_lesion} lesion voxel(s) lie outside the brain mask")
+    if n_lesion and not resized.any():
+        out.append(f"{where}: the lesion ({n_lesion} native voxel(s)) vanishes at {size}x{size} under lesion_mask_rule={rule!r}")
+    return out
+
+
+def check_writable(out: Path) -> None:
+    """Fail before any work if ``out``'s folder cannot be created or written to."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+        probe.close()
+    except OSError as exc:
+        raise PrepareError(f"{out}: cannot write the output there ({exc.strerror or exc})") from exc
+
+
 def size_bucket(area: int, edges: Sequence[float], names: Sequence[str], left_open: bool) -> str:
     """Bucket name for a lesion area.
 
@@ -219,6 +313,7 @@ class SubjectResult:
     slices: list[SliceRecord] = field(default_factory=list)
     error: str | None = None  # bad input: skipped (fails with --strict)
     excluded: str | None = None  # valid input the protocol rule leaves out (e.g. no tumour in range)
+    warnings: list[str] = field(default_factory=list)  # kept, but worth a look (counted in the manifest)
 
 
 def run_subject(fn: Callable[..., SubjectResult], args: tuple) -> SubjectResult:
@@ -336,6 +431,11 @@ class Summary:
     used: int = 0
     skipped: dict[str, str] = field(default_factory=dict)  # subject -> reason (bad input)
     excluded: dict[str, str] = field(default_factory=dict)  # subject -> reason (protocol rule)
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # subject -> warnings (kept)
+
+    @property
+    def n_warnings(self) -> int:
+        return sum(len(w) for w in self.warnings.values())
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -343,14 +443,21 @@ class Summary:
             "subjects_used": self.used,
             "skipped": dict(sorted(self.skipped.items())),
             "excluded_by_rule": dict(sorted(self.excluded.items())),
+            "n_warnings": self.n_warnings,
+            "warnings": dict(sorted(self.warnings.items())),
         }
 
     def report(self, name: str) -> str:
-        lines = [f"[{name}] subjects found: {self.found}, used: {self.used}, skipped (bad input): {len(self.skipped)}, excluded by protocol rule: {len(self.excluded)}"]
+        lines = [
+            f"[{name}] subjects found: {self.found}, used: {self.used}, skipped (bad input): {len(self.skipped)}, "
+            f"excluded by protocol rule: {len(self.excluded)}, warnings: {self.n_warnings}"
+        ]
         for sid, reason in sorted(self.skipped.items()):
             lines.append(f"  skipped  {sid}: {reason}")
         for sid, reason in sorted(self.excluded.items()):
             lines.append(f"  excluded {sid}: {reason}")
+        for sid, items in sorted(self.warnings.items()):
+            lines += [f"  warning  {sid}: {w}" for w in items]
         return "\n".join(lines)
 
 
@@ -382,6 +489,8 @@ def collect(
             continue
         if res.excluded is not None:
             summary.excluded[res.subject_id] = res.excluded
+        if res.warnings:
+            summary.warnings[res.subject_id] = list(res.warnings)
         if res.slices:
             summary.used += 1
         for rec in res.slices:
@@ -469,6 +578,9 @@ def run_preparation(
     out = Path(out)
     if out.exists() and not overwrite:
         raise PrepareError(f"{out}: already exists (pass --overwrite to replace it)")
+    if workers < 1:
+        raise PrepareError(f"--workers must be >= 1, got {workers}")
+    check_writable(out)
     t0 = time.perf_counter()
     summary = summary or Summary()
     summary.found += len(jobs)

@@ -28,7 +28,7 @@ from datasets.prepare.common import (
     raise_duplicates,
     run_preparation,
 )
-from datasets.prepare.s1 import S1Config, bucket_of, check_grid, s1_manifest_base, s1_slice
+from datasets.prepare.s1 import S1Config, bucket_of, check_config, check_grid, s1_manifest_base, s1_slice
 
 SUFFIXES = ("-T1.nii.gz", "-T1.nii")
 
@@ -69,7 +69,7 @@ def holdout(ids: list[str], fraction: float, seed: int) -> set[str]:
 def process_subject(cfg: IXIConfig, subject_id: str, path: str, split: str) -> SubjectResult:
     vol = load_volume(path, canonical=True)
     check_grid(vol, cfg)
-    rec = s1_slice(vol, None, cfg, split)
+    rec, _ = s1_slice(vol, None, cfg, split)
     return SubjectResult(subject_id=subject_id, slices=[rec])
 
 
@@ -84,6 +84,7 @@ def prepare_ixi(
     progress: bool = True,
 ) -> Outcome:
     cfg = config or IXIConfig()
+    check_config(cfg)
     raw = Path(raw)
     subjects = find_subjects(raw, cfg)
     val = holdout(list(subjects), cfg.val_fraction, cfg.seed)

@@ -25,10 +25,15 @@ from datasets.prepare.common import (
     Volume,
     brain_percentiles,
     check_axial_order,
+    check_brain_fraction,
+    check_common_config,
+    check_not_constant,
     config_dict,
+    lesion_warnings,
     pad_to_square,
     percentile_scale,
     resize_area,
+    resize_lesion,
     resize_mask,
     size_bucket,
     to_display,
@@ -58,8 +63,12 @@ class S1Config:
     background_value: float = 0.0
     pad_value: float = 0.0
     image_interpolation: str = "area"
-    mask_interpolation: str = "area+threshold"
-    mask_threshold: float = 0.5  # resized mask pixel = 1 where area fraction >= threshold
+    mask_interpolation: str = "area+threshold"  # brain mask
+    mask_threshold: float = 0.5  # resized brain-mask pixel = 1 where area fraction >= threshold
+    # Lesion mask: "nonzero" = resized value > 0 (THOR: DownstreamEvaluatorAtlas.py sets
+    # masks[masks > 0] = 1); "threshold" = area fraction >= mask_threshold (before prepare_version 2).
+    lesion_mask_rule: str = "nonzero"
+    max_brain_fraction: float = 0.7  # a larger brain mask in the slice means skull / noisy background
     affine_atol: float = 1e-3  # image/mask affine agreement
     orientation: str = "RAS-canonical; rows anterior->posterior, columns left->right"
     bucket_edges: tuple[int, ...] = (0, 3, 71, 570)  # (e_k, e_k+1] pixels at `resolution`
@@ -67,6 +76,12 @@ class S1Config:
 
 
 S1_SHARED_KEYS = tuple(S1Config.__dataclass_fields__)  # must agree between IXI and ATLAS
+
+
+def check_config(cfg: S1Config) -> None:
+    check_common_config(cfg)
+    if cfg.slice_index < 0:
+        raise PrepareError(f"--slice-index must be >= 0, got {cfg.slice_index}")
 
 
 def check_grid(vol: Volume, cfg: S1Config) -> None:
@@ -78,8 +93,9 @@ def check_grid(vol: Volume, cfg: S1Config) -> None:
     check_axial_order(vol)
 
 
-def s1_slice(vol: Volume, lesion: np.ndarray | None, cfg: S1Config, split: str) -> SliceRecord:
-    """The protocol slice of one (checked, RAS) volume, normalised and resized."""
+def s1_slice(vol: Volume, lesion: np.ndarray | None, cfg: S1Config, split: str) -> tuple[SliceRecord, list[str]]:
+    """The protocol slice of one (checked, RAS) volume, normalised and resized, and its
+    warnings (lesion voxels outside the brain, a lesion the resize erases)."""
     if cfg.axial_axis != 2:
         raise PrepareError("S1Config.axial_axis must be 2 (RAS z); other layouts are not supported")
     if not 0 <= cfg.slice_index < vol.data.shape[2]:
@@ -87,11 +103,13 @@ def s1_slice(vol: Volume, lesion: np.ndarray | None, cfg: S1Config, split: str) 
     brain = vol.data > cfg.brain_threshold
     if not brain.any():
         raise SubjectError(vol.path, f"empty brain (no voxel > {cfg.brain_threshold})")
+    check_not_constant(vol.data[brain], vol.path, "the T1 volume")
     low, high = brain_percentiles(vol.data, brain, (cfg.percentile_low, cfg.percentile_high))
     k = cfg.slice_index
     img2d, brain2d = vol.data[:, :, k], brain[:, :, k]
     if not brain2d.any():
         raise SubjectError(vol.path, f"empty brain in axial slice {k}")
+    check_brain_fraction(brain2d, cfg.max_brain_fraction, vol.path, f"axial slice {k}")
     img2d = percentile_scale(img2d, brain2d, low, high, cfg.background_value)
     codes = tuple("RAS")  # volumes are reoriented to RAS before this point
     planes = [to_display(img2d, codes), to_display(brain2d.astype(np.uint8), codes)]
@@ -100,9 +118,14 @@ def s1_slice(vol: Volume, lesion: np.ndarray | None, cfg: S1Config, split: str) 
     sq = [pad_to_square(p, cfg.pad_value if i == 0 else 0) for i, p in enumerate(planes)]
     image = resize_area(sq[0], cfg.resolution)[None]
     brain_r = resize_mask(sq[1], cfg.resolution, cfg.mask_threshold)
-    lesion_r = resize_mask(sq[2], cfg.resolution, cfg.mask_threshold) if lesion is not None else np.zeros_like(brain_r)
+    warnings: list[str] = []
+    if lesion is not None:
+        lesion_r = resize_lesion(sq[2], cfg.resolution, cfg.lesion_mask_rule, cfg.mask_threshold)
+        warnings = lesion_warnings(lesion[:, :, k], brain2d, lesion_r, cfg.lesion_mask_rule, cfg.resolution, f"axial slice {k}")
+    else:
+        lesion_r = np.zeros_like(brain_r)
     info = {"norm_low": low, "norm_high": high}
-    return SliceRecord(slice_index=k, image=image, lesion=lesion_r, brain=brain_r, split=split, info=info)
+    return SliceRecord(slice_index=k, image=image, lesion=lesion_r, brain=brain_r, split=split, info=info), warnings
 
 
 def bucket_of(cfg: S1Config):
