@@ -1,8 +1,10 @@
 """Evaluation protocols S1 (global Max Dice, THOR setting) and S2 (per-image Max Dice, IterMask2 setting).
 
 ``get_protocol("S2")`` returns a configured protocol; keyword arguments override its
-parameters (``mode="grid", grid="itermask2"``, ``apply_brain_mask=True``, ...). Metrics live
-in :mod:`protocols.metrics`. Maps are higher = more anomalous; prediction = map >= threshold.
+parameters (``mode="grid", grid="itermask2"``, ``map_normalisation="minmax_test_set"``,
+``apply_brain_mask=False``, ...). Metrics live in :mod:`protocols.metrics`. Maps are higher =
+more anomalous; the exact search predicts map >= threshold, a peer grid follows its
+peer's rule (map > threshold, ...).
 """
 
 from __future__ import annotations

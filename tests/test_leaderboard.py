@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from benchmarks import leaderboard
+from benchmarks.report import tables
 
 REPO = Path(__file__).resolve().parent.parent
 PUBLISHED = REPO / "results" / "published.csv"
@@ -145,9 +146,12 @@ def test_means_stds_and_s2_average(built: Path) -> None:
     thor = _row(table2, "THOR")
     assert thor[4] == "46.0 ± 1.4 (n=2)" and thor[5] == "53.5 ± 1.4 (n=2)"
     assert _row(table2, "MAD-AD")[-1] == "best"
-    assert _row(table2, "AE")[-1].startswith("0.000488 (n=12)")  # 12 seed x modality pairs, all in favour
-    assert "†" in thor[-1] and "(n=88)" in thor[-1]  # per-image pairs: 11 jobs x 8 images
+    assert _row(table2, "AE")[-1].startswith("0.000488 (n=12 jobs)")  # no per-image results: 12 seed x modality pairs
+    # per-image pairs: 8 test images (not 11 jobs x 8 images), each averaged over seeds and modalities;
+    # MAD-AD is ahead on every image, so the exact two-sided p is 2 / 2^8
+    assert thor[-1] == "0.00781† (n=8 images)"
     csv = pd.read_csv(built / "tables" / "s2_embedded_paper_max_dice_by_modality.csv")
+    assert csv.loc[csv["method"] == "thor", "n_pairs"].item() == 8
     ae = csv[csv["method"] == "ae"].iloc[0]
     assert ae["average_mean"] == pytest.approx(np.mean([32.5, 34.5, 38.5]))
     assert ae["FLAIR_std"] == pytest.approx(np.std([40, 42, 46], ddof=1))
@@ -194,8 +198,55 @@ def test_ablation_has_variants_with_published_labels(built: Path) -> None:
 def test_s1_table_and_too_few_pairs(built: Path) -> None:
     md = (built / "leaderboard.md").read_text()
     s1 = _section(md, "S1 · embedded · paper profile")
-    assert _row(s1, "AE")[1:7] == ["21.0 ± 1.4", "5.0 ± 0.0", "20.0 ± 0.0", "30.0 ± 0.0", "2", "n<5 (n=2)"]
+    assert _row(s1, "AE")[1:7] == ["21.0 ± 1.4", "5.0 ± 0.0", "20.0 ± 0.0", "30.0 ± 0.0", "2", "n<5 (n=2 jobs)"]
     assert "Published (MAD-AD IPMI 2025, IXI → ATLAS 2.0)" in s1 and "| THOR |" not in s1
+
+
+def _row_with(per_image: dict) -> tables.Row:
+    row = tables.Row("x", "m", "default")
+    row.per_image = dict(per_image)
+    return row
+
+
+def test_paired_test_counts_each_test_image_once() -> None:
+    """3 seeds x 2 modalities x 6 images: n = 6, the test runs on per-image means, not on 36 pairs."""
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(0)
+    images = [(f"s{i}", 80) for i in range(6)]
+    best, other = {}, {}
+    for seed in range(3):
+        for modality in ("FLAIR", "T2"):
+            for k, image in enumerate(images):
+                noise = rng.normal(0, 5)
+                best[(seed, modality, image)] = 60 + k + noise
+                other[(seed, modality, image)] = 58 + k + rng.normal(0, 5)
+    other[(2, "T2", images[0])] = 0.0
+    other[(9, "T2", images[0])] = 99.0  # a job the best row lacks: never paired
+    result = tables.paired_test(_row_with(best), _row_with(other))
+    assert result.per_image and result.n == 6
+    common = set(best) & set(other)
+
+    def means(values):
+        out = []
+        for image in sorted(images, key=str):
+            per_modality = [np.mean([values[(s, m, image)] for s in range(3)]) for m in ("FLAIR", "T2")]
+            out.append(np.mean(per_modality))
+        return out
+
+    assert result.p == pytest.approx(wilcoxon(means(best), means(other)).pvalue, rel=1e-12)
+    keys = sorted(common, key=str)
+    old = wilcoxon([best[k] for k in keys], [other[k] for k in keys]).pvalue  # one pair per (seed, modality, image)
+    assert len(keys) == 36 and old != pytest.approx(result.p, rel=0.05)
+    assert result.text().endswith("(n=6 images)")
+    # missing jobs: an image is averaged over the jobs both rows have
+    partial = {k: v for k, v in best.items() if k[0] != 1}
+    assert tables.per_image_means(partial, set(partial) & set(other))[images[1]] == pytest.approx(
+        np.mean([np.mean([best[(s, m, images[1])] for s in (0, 2)]) for m in ("FLAIR", "T2")])
+    )
+    # fewer than MIN_PAIRS images: the per-job Max Dice pairs are tested instead
+    few = _row_with({k: v for k, v in best.items() if k[2] in images[:3]})
+    assert not tables.paired_test(few, _row_with(other)).per_image
 
 
 def test_files_parse_and_figures_written(built: Path) -> None:
@@ -287,5 +338,5 @@ def test_floor_row_marked_in_every_table_and_drawn(tmp_path: Path) -> None:
     drawn = sorted(float(c.get_segments()[0][0][1]) for c in ax.collections)
     assert drawn == pytest.approx([20.0, 45.0, 70.0])  # FLAIR, T1 and the average of the floor row
     plt.close(fig)
-    assert (out / "figures" / "s2_embedded_quick_table2.png").is_file()
-    assert "Intensity --- floor (untrained) &" in (out / "tables" / "s2_embedded_quick_table2.tex").read_text()
+    assert (out / "figures" / "s2_embedded_quick_max_dice_by_modality.png").is_file()
+    assert "Intensity --- floor (untrained) &" in (out / "tables" / "s2_embedded_quick_max_dice_by_modality.tex").read_text()

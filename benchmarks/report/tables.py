@@ -35,12 +35,18 @@ SECONDARY_COLUMNS: tuple[tuple[str, str], ...] = (
     ("small", "max_dice_small"),
     ("medium", "max_dice_medium"),
     ("large", "max_dice_large"),
+    # S2 records since the bucket Dice at the one global threshold (IterMask2) exists; absent columns are dropped
+    ("small @ global thr.", "dice_small_at_global"),
+    ("medium @ global thr.", "dice_medium_at_global"),
+    ("large @ global thr.", "dice_large_at_global"),
 )
 TEST_NAME = (
     "Wilcoxon signed-rank test (scipy.stats.wilcoxon, two-sided) of each row against the best row "
-    "(highest mean in the `average` column); pairs are the per-image Dice values both rows carry "
-    "(marked †) or otherwise the per-job Max Dice of every (seed, modality) both rows have; "
-    f"with fewer than {MIN_PAIRS} pairs no test is run (shown as `n<{MIN_PAIRS}`)"
+    "(highest mean in the `average` column). Pairs are test images (marked †): each image's Dice at the "
+    "reported threshold, over the (seed, modality) jobs both rows have, averaged over seeds and then over "
+    "modalities, so that every test image counts once (`n=k images`); without per-image results, the "
+    "per-job Max Dice of every (seed, modality) both rows have (`n=k jobs`). "
+    f"With fewer than {MIN_PAIRS} pairs no test is run (shown as `n<{MIN_PAIRS}`)"
 )
 
 
@@ -71,10 +77,11 @@ class TestResult:
     per_image: bool = False
 
     def text(self) -> str:
+        unit = "images" if self.per_image else "jobs"
         if self.p is None:
-            return f"n<{MIN_PAIRS} (n={self.n})"
+            return f"n<{MIN_PAIRS} (n={self.n} {unit})"
         mark = "†" if self.per_image else ""
-        return f"{self.p:.3g}{mark} (n={self.n})"
+        return f"{self.p:.3g}{mark} (n={self.n} {unit})"
 
 
 @dataclass
@@ -276,12 +283,28 @@ def _per_image(path: Path | None) -> dict[Any, float]:
 # ----------------------------------------------------------------------------- paired test
 
 
+def per_image_means(values: dict[tuple, float], keys: set[tuple]) -> dict[Any, float]:
+    """Per test image: its Dice averaged over seeds per modality, then over modalities.
+
+    ``values`` maps (seed, modality, image) to a Dice; only ``keys`` are used, so two rows
+    are compared over the same jobs.
+    """
+    by_modality: dict[tuple, list[float]] = {}
+    for seed, modality, image in keys:
+        by_modality.setdefault((image, modality), []).append(values[(seed, modality, image)])
+    by_image: dict[Any, list[float]] = {}
+    for (image, _), dice in by_modality.items():
+        by_image.setdefault(image, []).append(float(np.mean(dice)))
+    return {image: float(np.mean(means)) for image, means in by_image.items()}
+
+
 def paired_test(best: Row, other: Row) -> TestResult:
-    common_images = sorted(set(best.per_image) & set(other.per_image), key=str)
-    if len(common_images) >= MIN_PAIRS:
-        a = [best.per_image[k] for k in common_images]
-        b = [other.per_image[k] for k in common_images]
-        return TestResult(len(a), _wilcoxon(a, b), per_image=True)
+    """Wilcoxon test over test images (seeds and modalities averaged first), else over jobs."""
+    common_keys = set(best.per_image) & set(other.per_image)
+    a, b = per_image_means(best.per_image, common_keys), per_image_means(other.per_image, common_keys)
+    images = sorted(a, key=str)
+    if len(images) >= MIN_PAIRS:
+        return TestResult(len(images), _wilcoxon([a[i] for i in images], [b[i] for i in images]), per_image=True)
     common = sorted(set(best.pairs) & set(other.pairs), key=str)
     if len(common) < MIN_PAIRS:
         return TestResult(len(common), None)
