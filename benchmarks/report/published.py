@@ -16,10 +16,11 @@ PUBLISHED_NAMES: dict[str, str] = {
     "autoddpm": "AutoDDPM",
     "pddpm": "pDDPM",
     "thor": "THOR",
+    "dae": "DAE",
     "madad": "MAD-AD",
 }
 # The order the papers list the methods in; unknown methods follow alphabetically.
-METHOD_ORDER: tuple[str, ...] = ("ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "madad")
+METHOD_ORDER: tuple[str, ...] = ("ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "dae", "madad")
 # Which data each protocol's published numbers come from.
 PUBLISHED_DATA: dict[str, str] = {"S1": "IXI → ATLAS 2.0", "S2": "BraTS'21"}
 COLUMNS = ("source", "table", "protocol", "method", "column", "max_dice", "note")
