@@ -235,3 +235,5 @@ def test_bad_config_is_named() -> None:
     data = make_tiny_slices(n_train=4, n_val=0, n_test=2, size=32)
     with pytest.raises(ConfigError, match="foreground"):
         DenoisingAutoencoder.from_profile("tiny", device="cpu", foreground="skull").fit(data.split("train"))
+    with pytest.raises(ConfigError, match="divisible by 8"):
+        DenoisingAutoencoder.from_profile("tiny", device="cpu", image_size=36).fit(data.split("train"))

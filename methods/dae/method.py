@@ -119,6 +119,9 @@ class DenoisingAutoencoder(UADMethod):
                 raise ConfigError(f"dae: {name} must be >= 1, got {getattr(cfg, name)}")
         if cfg.noise_unit_ratio is not None and not cfg.noise_unit_ratio > 0:
             raise ConfigError(f"dae: noise_unit_ratio must be positive or None, got {cfg.noise_unit_ratio}")
+        factor = 2 ** (len(cfg.channels) - 1)
+        if any(side % factor for side in self._internal_size()):
+            raise ConfigError(f"dae: the internal image size {self._internal_size()} must be divisible by {factor} ({len(cfg.channels)} levels); set image_size")
 
     def _build(self) -> None:
         c = self.input_shape_[0]  # type: ignore[index]
