@@ -17,10 +17,11 @@ PUBLISHED_NAMES: dict[str, str] = {
     "autoddpm": "AutoDDPM",
     "pddpm": "pDDPM",
     "thor": "THOR",
+    "dae": "DAE",
     "madad": "MAD-AD",
 }
 # The order the papers list the methods in; unknown methods follow alphabetically.
-METHOD_ORDER: tuple[str, ...] = ("intensity", "ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "madad")
+METHOD_ORDER: tuple[str, ...] = ("intensity", "ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "cyclunet", "dae", "itermask2", "madad")
 # Untrained floors (Meissen et al., 2021): shown first and marked, the score to beat.
 FLOOR_METHODS: tuple[str, ...] = ("intensity",)
 FLOOR_MARK = "floor (untrained)"
