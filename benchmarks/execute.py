@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import traceback
 from contextlib import contextmanager
@@ -122,15 +123,53 @@ def _run_group(jobs: list[Job], ctx: RunContext) -> list[dict[str, Any]]:
     splits = _splits(jobs[0], protocol)
     trained: dict[str, tuple[UADMethod, dict[str, Any]]] = {}
     for job in pending:
-        try:
-            record = _run_job(job, ctx, protocol, splits, trained)
-        except Exception as exc:  # one failing job must not stop the others
-            if ctx.fail_fast:
-                raise
-            record = _failed_record(job, exc)
-        write_record(record, job.record_path(out))
+        path = job.record_path(out)
+        with job_lock(path) as owned:
+            if not owned:  # another run on the same --out is computing this job right now
+                records.append(_elsewhere_record(job, "running in another process"))
+                continue
+            if is_finished(path):  # another run finished it while this one waited
+                record = read_record(path)
+                records.append(None if record is None else dict(record, status_note="finished by another run"))
+                continue
+            try:
+                record = _run_job(job, ctx, protocol, splits, trained)
+            except (Exception, SystemExit) as exc:  # one failing job, even one calling sys.exit, must not stop the others
+                if ctx.fail_fast:
+                    raise
+                record = _failed_record(job, exc)
+            write_record(record, path)
         records.append(record)
     return [r for r in records if r is not None]
+
+
+@contextmanager
+def job_lock(record_path: Path):
+    """An exclusive, non-blocking lock on one job of one run folder; yields whether it was taken.
+
+    Two runs sharing an ``--out`` (a re-launched command, two cluster jobs) then never
+    compute, or claim, the same job: the second one skips it and says so. The lock is
+    released by the OS when the process dies, so a killed run leaves no stale lock.
+    """
+    import fcntl
+
+    lock_path = record_path.with_name(f".{record_path.name}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _elsewhere_record(job: Job, why: str) -> dict[str, Any]:
+    """What this run reports for a job another run owns (never written to disk)."""
+    return {**_base_record(job), "status": "skipped", "error": f"skipped: {why}", "status_note": why}
 
 
 def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained: dict) -> dict[str, Any]:
@@ -207,10 +246,19 @@ def _fitted_method(method: UADMethod, key: str, checkpoint: Path, splits: _Split
         fitted.config = method.config  # same training fields; only inference knobs differ
         return fitted, dict(info, reused=True)
     info_path = checkpoint / "fit.json"
+    fitted = None
     if (checkpoint / "method.json").is_file() and info_path.is_file():
-        fitted = get_method_class(method.name).load(checkpoint, device=method.config.device)
+        try:
+            fitted = get_method_class(method.name).load(checkpoint, device=method.config.device)
+            info = dict(json.loads(info_path.read_text()), reused=True)
+        except Exception as exc:  # truncated, edited or foreign files: keep them for a look, train again
+            moved = _quarantine(checkpoint)
+            print(f"warning: checkpoint {checkpoint} could not be loaded ({type(exc).__name__}: {exc}); "
+                  f"moved to {moved} and training again", file=sys.stderr)
+            method.notes["checkpoint_replaced"] = f"{type(exc).__name__}: {exc}"[:300]
+            fitted = None
+    if fitted is not None:
         fitted.config = method.config
-        info = dict(json.loads(info_path.read_text()), reused=True)
     else:
         start = time.perf_counter()
         method.fit(splits.train, splits.val)
@@ -220,6 +268,13 @@ def _fitted_method(method: UADMethod, key: str, checkpoint: Path, splits: _Split
         fitted, info = method, dict(info, reused=False)
     trained[key] = (fitted, info)
     return fitted, info
+
+
+def _quarantine(checkpoint: Path) -> Path:
+    """Move an unusable checkpoint folder aside (never delete what a user may want to inspect)."""
+    target = checkpoint.with_name(f"{checkpoint.name}.unusable-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    checkpoint.rename(target)
+    return target
 
 
 def _example_indices(test: SliceSet, k: int) -> np.ndarray:

@@ -202,6 +202,7 @@ def summary_table(records: list[dict[str, Any]]) -> str:
                 "modality": r.get("data", {}).get("modality"),
                 "seed": r["seed"],
                 "status": r["status"],
+                "note": r.get("status_note") or "",
                 "max_dice": _pct(metrics, "max_dice"),
                 "auprc": _pct(metrics, "auprc"),
                 "auroc": _pct(metrics, "auroc"),
@@ -213,8 +214,9 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no jobs)"
     frame = pd.DataFrame(rows).sort_values(["method", "variant", "modality", "seed"])
-    if not frame["error"].astype(bool).any():
-        frame = frame.drop(columns="error")
+    for column in ("error", "note"):
+        if not frame[column].astype(bool).any():
+            frame = frame.drop(columns=column)
     text = frame.to_string(index=False)
     ok = frame[frame["status"] == "ok"]
     if ok.empty:
@@ -307,8 +309,13 @@ def _run(args: argparse.Namespace) -> int:
     )
     wall = time.perf_counter() - start
     print(summary_table(records))
-    failed = [r for r in records if r.get("status") != "ok"]
-    print(f"\n{len(records) - len(failed)} job(s) ok, {len(failed)} failed, wall time {wall:.1f} s; records in {out}", file=sys.stderr)
+    elsewhere = [r for r in records if r.get("status") == "skipped"]
+    failed = [r for r in records if r.get("status") not in ("ok", "skipped")]
+    by_other = sum(1 for r in records if r.get("status_note") == "finished by another run")
+    print(f"\n{len(records) - len(failed) - len(elsewhere)} job(s) ok, {len(failed)} failed, wall time {wall:.1f} s; records in {out}", file=sys.stderr)
+    if elsewhere or by_other:
+        print(f"{len(elsewhere)} job(s) left to another run on the same --out (running there now), "
+              f"{by_other} finished by another run while this one waited; rerun to collect them", file=sys.stderr)
     print(f"next: python -m benchmarks.leaderboard --runs {_shown(out)}   (tables and figures of this run)", file=sys.stderr)
     return 1 if failed else 0
 
