@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from benchmarks.executors import EXECUTORS, get_executor
 from benchmarks.jobs import DEFAULT_VARIANT, Job, Variant, build_jobs, group_jobs
-from benchmarks.plugins import load_plugins
+from benchmarks.plugins import PluginError, load_plugins
 from benchmarks.run import (
     UsageError,
     add_common_arguments,
     check_common_args,
+    default_threads,
     check_finished_records,
     parse_seeds,
     parse_set_overrides,
@@ -205,7 +206,7 @@ def _setup(args: argparse.Namespace) -> Setup:
         device=args.device,
         progress=not args.no_progress,
         n_examples=args.examples,
-        threads=args.threads,
+        threads=args.threads or default_threads(args.executor if not args.search else "ray", args.cpus_per_job),
     )
     return Setup(protocol.name, method, profile, spec, data_name(spec), modalities, seeds, base, ctx, out)
 
@@ -380,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup = _setup(args)
         start = time.perf_counter()
         records = run_search(args, setup) if args.search else run_grid(args, setup)
-    except (UsageError, ConfigError) as exc:
+    except (UsageError, ConfigError, PluginError) as exc:
         parser.error(str(exc))
     wall = time.perf_counter() - start
     print(summary_table(records))

@@ -95,6 +95,32 @@ def check_common_args(args: argparse.Namespace) -> None:
             check_writable_folder(Path(getattr(args, flag)), f"--{flag}")
 
 
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(executor: str, cpus_per_job: float, cores: int | None = None, load: float | None = None) -> int:
+    """Torch CPU threads per job when --threads is not given.
+
+    Ray runs several jobs at once: each gets its ``--cpus-per-job`` share. The local
+    executor runs one job, on the cores the rest of the machine leaves free (1-minute load
+    average): on a busy machine, OpenMP threads that outnumber the free cores spin-wait on
+    each other and run an order of magnitude slower, not proportionally slower.
+    """
+    if executor == "ray":
+        return max(1, int(cpus_per_job))
+    cores = available_cores() if cores is None else cores
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+    return max(1, min(cores, int(round(cores - load))))
+
+
 def check_writable_folder(path: Path, flag: str) -> None:
     """``path`` is, or can become, a folder this process can write in."""
     if path.exists() and not path.is_dir():
@@ -237,9 +263,12 @@ def summary_table(records: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from benchmarks.plugins import load_plugins
+    from benchmarks.plugins import PluginError, load_plugins
 
-    load_plugins()  # methods named in UAD_BENCH_PLUGINS (modules on the path, not installed)
+    try:
+        load_plugins()  # methods named in UAD_BENCH_PLUGINS (modules on the path, not installed)
+    except PluginError as exc:
+        parser.error(str(exc))
     if args.list_methods:
         print(list_methods_text())
         return 0
@@ -283,6 +312,7 @@ def _run(args: argparse.Namespace) -> int:
     name = data_name(data_spec)
     jobs = build_jobs(protocol.name, methods, data_spec, name, modalities, seeds, profile, variants)
     check_finished_records(jobs, out, replace=args.replace_changed)
+    threads = args.threads or default_threads(args.executor, args.cpus_per_job)
     ctx = RunContext(
         out=str(out),
         checkpoints=str(checkpoints),
@@ -290,11 +320,12 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         n_examples=args.examples,
         fail_fast=args.fail_fast,
-        threads=args.threads,
+        threads=threads,
     )
     print(
         f"uad-bench: protocol {protocol.name}, data {name} ({', '.join(modalities)}), profile {profile}, "
-        f"{len(methods)} method(s), {len(seeds)} seed(s) -> {len(jobs)} job(s); records in {out}",
+        f"{len(methods)} method(s), {len(seeds)} seed(s) -> {len(jobs)} job(s), {threads} CPU thread(s) per job"
+        f"{'' if args.threads else ' (from the free cores; set --threads to choose)'}; records in {out}",
         file=sys.stderr,
     )
     start = time.perf_counter()

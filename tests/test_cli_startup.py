@@ -110,3 +110,23 @@ def test_out_that_is_a_file_or_unwritable_fails_at_once(tmp_path, capsys, monkey
     with pytest.raises(SystemExit):
         run.main(["--protocol", "S1", "--methods", "ae", "--out", str(tmp_path / "new" / "run")])
     assert f"{tmp_path} is not writable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["benchmarks.run", "benchmarks.ablate"])
+def test_a_broken_plugin_is_one_line(module: str) -> None:
+    import os
+
+    env = dict(os.environ, UAD_BENCH_PLUGINS="nosuchmod_xyz")
+    done = subprocess.run([sys.executable, "-m", module, "--protocol", "S1", "--methods", "ae"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2
+    assert "cannot import plugin module 'nosuchmod_xyz'" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_default_threads_leave_busy_cores_alone() -> None:
+    from benchmarks.run import default_threads
+
+    assert default_threads("local", 1.0, cores=2, load=0.1) == 2  # idle machine: every core
+    assert default_threads("local", 1.0, cores=2, load=2.3) == 1  # another job on both cores: never oversubscribe
+    assert default_threads("local", 1.0, cores=16, load=6.0) == 10
+    assert default_threads("ray", 2.0, cores=16, load=0.0) == 2  # each Ray job its CPU share
+    assert default_threads("ray", 0.5, cores=16, load=0.0) == 1
