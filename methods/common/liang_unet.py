@@ -27,7 +27,6 @@ in pixels (guided-diffusion turns them into downsampling factors ``image_size //
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -134,9 +133,9 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(x).reshape(b, c, h * w))
         # guided-diffusion's legacy order: per head, [q; k; v] of c / heads channels each
         ch = c // self.num_heads
-        q, k, v = qkv.reshape(b * self.num_heads, 3 * ch, h * w).split(ch, dim=1)
-        weight = torch.softmax(torch.einsum("bct,bcs->bts", q, k) / math.sqrt(ch), dim=-1)
-        out = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, h * w)
+        q, k, v = (t.transpose(1, 2) for t in qkv.reshape(b * self.num_heads, 3 * ch, h * w).split(ch, dim=1))
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(ch)) v, fused
+        out = out.transpose(1, 2).reshape(b, c, h * w)
         return x + self.proj(out).reshape(b, c, h, w)
 
 
