@@ -21,7 +21,7 @@ def low_frequency_disc(height: int, width: int, radius: float, device: torch.dev
 
 def high_pass_phase(x: torch.Tensor, radius: float = 15.0) -> torch.Tensor:
     """hp(x) for ``... x H x W`` real ``x``: unit magnitude, same phase, inside ``radius``."""
-    spectrum = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))
+    spectrum = torch.fft.fftshift(torch.fft.fft2(x if x.is_floating_point() else x.float()), dim=(-2, -1))
     inside = low_frequency_disc(x.shape[-2], x.shape[-1], radius, x.device)
     unit = torch.polar(torch.ones_like(spectrum.real), torch.angle(spectrum))
     spectrum = torch.where(inside, unit, spectrum)

@@ -242,8 +242,13 @@ class IterMask2(UADMethod):
         data = images.detach().float().cpu().numpy()
         return [torch.Generator().manual_seed(int(self.config.seed) * 1_000_003 + zlib.crc32(img.tobytes())) for img in data]
 
-    def _refine(self, images: torch.Tensor, brain_masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
-        """The iterative mask refinement: (u, final y, brain, net1 passes per image, stopped by the cap)."""
+    def _refine(
+        self, images: torch.Tensor, brain_masks: torch.Tensor, trace: list | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+        """The iterative mask refinement: (u, final y, brain, net1 passes per image, stopped by the cap).
+
+        ``trace``, if given, receives ``(active indices, M, M')`` for every net1 pass.
+        """
         assert self.net0 is not None and self.net1 is not None
         if self.tau_ is None:
             raise RuntimeError("itermask2: tau is not set; fit() or load() first")
@@ -263,6 +268,8 @@ class IterMask2(UADMethod):
             y = self.net1(self._masked_input(u[active], hp[active], m, noise))
             shrunk = brain[active] * (((m * (u[active] - y)) ** 2).mean(dim=1, keepdim=True) > self.tau_).float()
             passes[active] += 1
+            if trace is not None:
+                trace.append((active.copy(), m.clone(), shrunk.clone()))
             old, new = m.sum(dim=(1, 2, 3)), shrunk.sum(dim=(1, 2, 3))
             ratio = torch.where(old > 0, (old - new) / old.clamp_min(1e-12), torch.full_like(old, -1.0))
             converged = (ratio < c.stop_ratio).cpu().numpy()
