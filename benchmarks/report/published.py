@@ -17,6 +17,8 @@ PUBLISHED_NAMES: dict[str, str] = {
     "pddpm": "pDDPM",
     "thor": "THOR",
     "madad": "MAD-AD",
+    "cyclunet": "Cycl.UNet",
+    "itermask2": "IterMask2",
 }
 # The order the papers list the methods in; unknown methods follow alphabetically.
 METHOD_ORDER: tuple[str, ...] = ("ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "madad")
