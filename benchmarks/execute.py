@@ -79,6 +79,32 @@ class _Splits:
     test: SliceSet
 
 
+def paired_split(data: SliceSet, modalities: list[str], split: str) -> SliceSet:
+    """Split ``split`` of ``data`` with the channels ``modalities`` in that order (one copy of that split only)."""
+    missing = [m for m in modalities if m not in data.modalities]
+    if missing:
+        raise ValueError(f"this data set has modalities {data.modalities}; the method trains on {modalities} and {missing} is missing")
+    parts = [data.modality(m).split(split) for m in modalities]
+    first = parts[0]
+    images = np.concatenate([p.images for p in parts], axis=1)
+    return SliceSet(images, first.lesion_masks, first.brain_masks, first.table, list(modalities), manifest=data.manifest)
+
+
+def _training_splits(job: Job, splits: _Splits, modalities: list[str]) -> _Splits:
+    """``splits`` with train and val holding every modality ``fit`` needs (test keeps the job's alone)."""
+    if modalities == [job.modality]:
+        return splits
+    data = load_data(job.data)
+    missing = [m for m in modalities if m not in data.modalities]
+    if missing:
+        raise ValueError(
+            f"{job.method} trains on {', '.join(modalities)} for a {job.modality} job, but data {job.data_name!r} "
+            f"has no {', '.join(missing)} (its channels: {', '.join(data.modalities)})"
+        )
+    val = paired_split(data, modalities, "val") if splits.val is not None else None
+    return _Splits(train=paired_split(data, modalities, "train"), val=val, test=splits.test)
+
+
 def _splits(job: Job, protocol: Any) -> _Splits:
     view = load_data(job.data).modality(job.modality)
     val = view.split("val")
@@ -176,10 +202,15 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
     device = str(resolve_device(ctx.device))
     profile, overrides = job.variant.resolve(job.profile)
     method = create_method(job.method, profile, seed=job.seed, device=device, **overrides)
-    key = stable_hash({"training": method.training_key(), "data": splits.train.fingerprint(), "modality": job.modality})
+    modalities = method.training_modalities(job.modality)
+    fit_splits = _training_splits(job, splits, modalities)
+    identity = {"training": method.training_key(), "data": fit_splits.train.fingerprint(), "modality": job.modality}
+    if modalities != [job.modality]:
+        identity["training_modalities"] = modalities  # absent otherwise: single-modality keys stay as they were
+    key = stable_hash(identity)
     checkpoint = inside(Path(ctx.checkpoints), Path(ctx.checkpoints) / safe_component(job.method) / key)
     report_phase(_label(job), "fit")
-    fitted, fit_info = _fitted_method(method, key, checkpoint, splits, trained)
+    fitted, fit_info = _fitted_method(method, key, checkpoint, fit_splits, trained)
 
     report_phase(_label(job), "score test")
     start = time.perf_counter()
@@ -208,7 +239,7 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
         "config": config_to_dict(fitted.config),
         "training_key": key,
         "protocol": protocol.parameters(),
-        "data": _data_info(job, splits),
+        "data": dict(_data_info(job, splits), **({"training_modalities": modalities} if modalities != [job.modality] else {})),
         "metrics": {k: float(v) for k, v in result.metrics.items()},
         "timings": {
             "fit_seconds": fit_info["fit_seconds"],

@@ -9,7 +9,7 @@ from methods.registry import create_method, get_method_class, list_methods, regi
 # method under construction never breaks the others.
 import importlib as _importlib
 
-for _name in ("intensity", "ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "dae", "madad"):
+for _name in ("intensity", "ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "cyclunet", "dae", "itermask2", "madad"):
     try:
         _importlib.import_module(f"methods.{_name}")
     except ModuleNotFoundError as _exc:

@@ -220,6 +220,15 @@ class UADMethod(ABC):
     def networks(self) -> dict[str, nn.Module]:
         """The modules whose weights make up the learned state."""
 
+    def training_modalities(self, modality: str) -> list[str]:
+        """The modalities ``fit`` needs, in channel order, for a job on ``modality``.
+
+        The default is ``[modality]``. A method that also learns from other modalities of the
+        same slices (e.g. a translation target) returns ``[modality, other, ...]``; the runner
+        then hands ``fit`` those channels and ``score`` only ``modality``.
+        """
+        return [modality]
+
     def _build(self) -> None:
         """Create untrained networks for ``self.input_shape_`` (used by ``load``)."""
         raise NotImplementedError(f"{type(self).__name__} must implement _build to support load()")

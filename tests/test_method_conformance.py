@@ -3,7 +3,9 @@ scikit-learn's ``check_estimator``: fit on tiny healthy data, then check the sco
 and the save/load round trip. A new method gets it for free.
 
 Methods run with their ``tiny`` profile when they define one (the same algorithm at a size
-that trains in seconds), else ``quick``.
+that trains in seconds), else ``quick``. A method that trains on more modalities than it
+scores (``training_modalities``) gets four-channel data and, as from the runner, a paired
+view for ``fit`` and the scored modality alone for ``score``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.execute import paired_split
 from methods.base import UADMethod
 from methods.registry import get_method_class, list_methods
 from tests.conftest import make_tiny_slices
@@ -24,9 +27,15 @@ def _tiny(name: str) -> UADMethod:
 
 @pytest.mark.parametrize("name", list_methods())
 def test_method_conformance(name: str, tmp_path) -> None:
-    data = make_tiny_slices(n_train=8, n_val=2, n_test=4, size=32)
-    train, val, test = data.split("train"), data.split("val"), data.split("test")
     method = _tiny(name)
+    modalities = method.training_modalities("FLAIR")
+    if modalities == ["FLAIR"]:
+        data = make_tiny_slices(n_train=8, n_val=2, n_test=4, size=32)
+        train, val, test = data.split("train"), data.split("val"), data.split("test")
+    else:
+        data = make_tiny_slices(n_train=8, n_val=2, n_test=4, size=32, channels=4)
+        train, val = paired_split(data, modalities, "train"), paired_split(data, modalities, "val")
+        test = data.modality("FLAIR").split("test")
     assert method.fit(train, val) is method, "fit must return self"
 
     maps = method.score(test.images, test.brain_masks)

@@ -19,6 +19,8 @@ PUBLISHED_NAMES: dict[str, str] = {
     "thor": "THOR",
     "dae": "DAE",
     "madad": "MAD-AD",
+    "cyclunet": "Cycl.UNet",
+    "itermask2": "IterMask2",
 }
 # The order the papers list the methods in; unknown methods follow alphabetically.
 METHOD_ORDER: tuple[str, ...] = ("intensity", "ae", "ddpm", "anoddpm", "autoddpm", "pddpm", "thor", "cyclunet", "dae", "itermask2", "madad")
