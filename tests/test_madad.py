@@ -301,21 +301,22 @@ def test_latent_normalisation_is_fitted_on_brain_cells(tiny_data, norm: str) -> 
     m = MADAD.from_profile("tiny", device="cpu", latent_norm=norm, epochs=0).fit(train)
     with torch.no_grad():
         dist = m.vae.encode(m._to_vae(torch.from_numpy(np.asarray(train.images)))).latent_dist
-    sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(1))
+    # the posterior sample the fit drew (its seed), so the statistics are those of the fit itself
+    sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=torch.Generator().manual_seed(m.config.seed))
     z = m._normalise(sample)
     cells = latent_brain_mask(torch.from_numpy(np.asarray(train.brain_masks)), m._latent_hw).bool()
     assert 0.2 < float(cells.float().mean()) < 0.8  # a real restriction: background cells exist
     inside = z.permute(1, 0, 2, 3)[:, cells.permute(1, 0, 2, 3)[0]]  # C x n_brain_cells
     if norm == "global":
         assert m.latent_mean_ is None
-        assert inside.std().item() == pytest.approx(1.0, abs=0.1)
+        assert inside.std().item() == pytest.approx(1.0, abs=1e-3)
     else:
         assert m.latent_scale_ == 1.0 and m.latent_mean_ is not None
-        torch.testing.assert_close(inside.mean(1), torch.zeros(z.shape[1]), atol=0.1, rtol=0)
+        torch.testing.assert_close(inside.mean(1), torch.zeros(z.shape[1]), atol=1e-3, rtol=0)
         cov = torch.cov(inside)
-        torch.testing.assert_close(cov.diagonal(), torch.ones(z.shape[1]), atol=0.15, rtol=0)
+        torch.testing.assert_close(cov.diagonal(), torch.ones(z.shape[1]), atol=2e-3, rtol=0)
         if norm == "whiten":  # channels decorrelated too
-            torch.testing.assert_close(cov, torch.eye(z.shape[1]), atol=0.15, rtol=0)
+            torch.testing.assert_close(cov, torch.eye(z.shape[1]), atol=2e-3, rtol=0)
     torch.testing.assert_close(m._denormalise(z), sample, atol=1e-4, rtol=1e-4)
 
 
@@ -613,14 +614,27 @@ def test_a_short_training_run_teaches_the_mask_head_which_cells_are_noised() -> 
     assert float(p[masks == 1].mean()) > float(p[masks == 0].mean()) + 0.05
 
 
-def test_official_checkpoint_is_the_best_validation_mse(tiny_data) -> None:
+def test_official_checkpoint_is_the_best_validation_mse(monkeypatch) -> None:
+    """Validation every epoch here (epoch 0 excluded, as the authors'); the weights kept are
+    those of the epoch with the lowest validation MSE, not the last ones."""
     data = make_tiny_slices(n_train=16, n_val=4, n_test=2, size=32)
-    m = MADAD.from_profile("official-tiny", device="cpu", epochs=4, vae_epochs=0).fit(data.split("train"), data.split("val"))
-    assert 1 <= m.notes["checkpoint_epoch"] <= 3
-    val_set = (*m._encode_set(data.split("val")), m._allowed_cells(data.split("val")))
-    assert m._validation_mse(m.denoiser, val_set) == pytest.approx(m.notes["best_val_mse"], rel=1e-5)
+    train, val = data.split("train"), data.split("val")
+    scores, snapshots = iter([0.5, 0.1, 0.3]), []
+    real = MADAD._validation_mse
+
+    def scripted(self, model, val_set):
+        assert real(self, model, val_set) == real(self, model, val_set)  # same draws at every validation
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(MADAD, "_validation_mse", scripted)
+    m = MADAD.from_profile("official-tiny", device="cpu", epochs=4, vae_epochs=0).fit(train, val)
+    assert len(snapshots) == 3 and (m.notes["checkpoint_epoch"], m.notes["best_val_mse"]) == (2, 0.1)
+    final = m.denoiser.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in snapshots[1].items())
+    assert not all(torch.equal(final[k], v) for k, v in snapshots[2].items())
     with pytest.raises(Exception, match="validation"):
-        MADAD.from_profile("official-tiny", device="cpu").fit(data.split("train"))
+        MADAD.from_profile("official-tiny", device="cpu").fit(train)
 
 
 # ---------------------------------------------------------------------------- CUDA (skipped without it)
