@@ -57,7 +57,7 @@ class MadadConfig(MethodConfig):
     # practice). Why whiten: the from-scratch VAE's channels are correlated, with means several
     # of their own stds from 0; eq. 2's N(0, I) noise is then told apart from content by its
     # channel statistics alone, the mask head learns that shortcut and rarely flags a lesion
-    # (README, "Diagnosis"). Whitened latents share the noise's first two moments, so the head
+    # (docs/notes/madad-diagnosis.md). Whitened latents share the noise's first two moments, so the head
     # must judge a cell against its context, which is what transfers to anomalies.
     latent_norm: str = "whiten"
     # Cells the normalisation is fitted on: "brain" = latent cells >= latent_brain_threshold
@@ -136,14 +136,14 @@ class MadadConfig(MethodConfig):
 # Same algorithm; trains on 2 CPU cores in a few minutes on ~320 slices. The VAE keeps the
 # paper's factor 8 and so its compression (16 pixels per latent value): an f4 VAE at 64 px
 # (4 pixels per value) reconstructed the lesions themselves, leaving the map nothing to
-# find (README, "Diagnosis").
+# find (docs/notes/madad-diagnosis.md).
 _QUICK_SIZES: dict[str, Any] = {
     "image_size": 64,
     "vae_block_out_channels": (16, 32, 64, 64),
     "vae_layers_per_block": 1,
     "vae_norm_groups": 8,
     # 24 epochs: 12 left the VAE blurry (T1CE below the AE), 30 let it reconstruct the
-    # T2/FLAIR lesions too (README, "Diagnosis", points 3 and 7)
+    # T2/FLAIR lesions too (docs/notes/madad-diagnosis.md, points 3 and 7)
     "vae_epochs": 24,
     "vae_finetune_epochs": 2,
     "vae_lr": 1e-3,
