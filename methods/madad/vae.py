@@ -225,7 +225,7 @@ def train_vae(
         opt_d = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     history = []
     for epoch in progress_bar(range(epochs), desc=desc, unit="epoch"):
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=device), 0  # read back once an epoch (no per-step sync)
         for x in batches(epoch):
             x = x.to(device)
             posterior = vae.encode(x).latent_dist
@@ -244,9 +244,9 @@ def train_vae(
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 opt_d.step()
-            total += float(loss.detach()) * x.shape[0]
+            total += loss.detach() * x.shape[0]
             count += x.shape[0]
-        history.append(total / max(count, 1))
+        history.append(float(total) / max(count, 1))
     vae.eval()
     for p in vae.parameters():
         p.requires_grad_(False)
