@@ -22,6 +22,9 @@ SOURCES = ("image_diff", "latent_diff", "mean_mask")
 REFERENCES = ("input", "vae_reconstruction")
 LR_SCHEDULES = ("constant", "cosine")
 LATENT_NORMS = ("global", "channel", "whiten")
+LATENT_NORM_REGIONS = ("brain", "all")
+CHECKPOINTS = ("last", "best_val_mse")
+DDIM_SPACINGS = ("official", "even")
 
 
 @dataclass
@@ -54,14 +57,18 @@ class MadadConfig(MethodConfig):
     # practice). Why whiten: the from-scratch VAE's channels are correlated, with means several
     # of their own stds from 0; eq. 2's N(0, I) noise is then told apart from content by its
     # channel statistics alone, the mask head learns that shortcut and rarely flags a lesion
-    # (README, "Diagnosis"). Whitened latents share the noise's first two moments, so the head
+    # (docs/notes/madad-diagnosis.md). Whitened latents share the noise's first two moments, so the head
     # must judge a cell against its context, which is what transfers to anomalies.
     latent_norm: str = "whiten"
+    # Cells the normalisation is fitted on: "brain" = latent cells >= latent_brain_threshold
+    # brain (the only cells the forward process noises, so where the latents must match the
+    # N(0, I) noise); "all" = every cell (background included; what the code did before).
+    latent_norm_region: str = "brain"
     train_latent: str = "sample"  # "sample" (LDM convention) | "posterior_mean"
 
     # ------------------------------------------------------------------ denoiser
     timesteps: int = 10  # T (paper: 10)
-    schedule: str = "linear"  # "linear" (DDPM 1000-step linear, respaced to T) | "cosine"
+    schedule: str = "cosine"  # paper: unstated; the authors ran cosine (forward.py) | "linear" (option)
     unet_block_out_channels: tuple[int, ...] = (128, 256, 512)  # paper: "UNet with attention" (sizes ours)
     unet_layers_per_block: int = 2
     unet_attention_levels: tuple[bool, ...] = (False, True, True)  # attention per level (mid block always)
@@ -69,6 +76,7 @@ class MadadConfig(MethodConfig):
     unet_norm_groups: int = 32
     dropout: float = 0.0
     mask_head_zero_init: bool = True  # zero-initialised last conv of the mask head (as in the authors' code)
+    mask_head_silu: bool = True  # GroupNorm -> SiLU -> conv (ours); the authors' head has no SiLU
 
     # ------------------------------------------------------------------ training masks (sec. 4.1)
     mask_ratio_min: float = 0.0
@@ -91,16 +99,29 @@ class MadadConfig(MethodConfig):
     ema_decay: float = 0.0  # 0 = no EMA (paper: none mentioned)
     mask_loss: str = "bce"  # eq. 5
     mask_loss_weight: float = 1.0  # lambda of eq. 5 (paper: unstated; 1.0 is ours)
+    # Which weights are kept: "last" (paper: unstated) | "best_val_mse" (authors' code: the
+    # z0 MSE on the validation slices every val_every epochs, epoch 0 excluded; the validation
+    # masks use ratio ~ U[0, val_mask_ratio_max] and val_patch_size_probs, with the same
+    # draws at every validation). "best_val_mse" needs a validation set.
+    checkpoint: str = "last"
+    val_every: int = 10  # authors' --ckpt-every default
+    val_mask_ratio_max: float = 0.3
+    val_patch_size_probs: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
+    # GPU: bf16 autocast for the denoiser's forward passes in training (CUDA only; DDIM state,
+    # latents and losses stay fp32). Scoring uses ``amp`` (below).
+    train_amp: bool = True
+    log_every: int = 50  # training steps between loss read-outs (each one is a host sync)
 
-    # ------------------------------------------------------------------ augmentation (authors' code only)
-    aug_p: float = 0.0  # probability of each augmentation
-    aug_rotate_deg: float = 0.0
-    aug_translate_px: float = 0.0  # in pixels of the internal resolution
-    aug_brightness: float = 0.0
-    aug_contrast: float = 0.0
+    # ------------------------------------------------------------------ augmentation (authors' code only; augment.py)
+    aug_p: float = 0.0  # probability of each of the three transforms
+    aug_rotate_deg: float = 0.0  # fixed rotation (albumentations Affine(rotate=5) is a fixed +5 deg)
+    aug_translate_px: float = 0.0  # fixed (+px, +px) shift, pixels of the internal resolution
+    aug_brightness: float = 0.0  # additive, beta ~ U[-b, b] (on [0, 1] units)
+    aug_contrast: float = 0.0  # multiplicative, alpha ~ 1 + U[-c, c]
 
     # ------------------------------------------------------------------ inference (eqs. 6-8), no retraining
     ddim_steps: int = inference_field(10)
+    ddim_spacing: str = inference_field("official")  # visited timesteps for K < T (sampler.py)
     sigma: float = inference_field(0.5)  # eta-style scale of the DDIM sigma_t (0 = deterministic)
     mask_threshold: float = inference_field(0.5)  # B(.) of eq. 6
     inference_start: str = inference_field("sample")  # z_T = E(x): a posterior sample | its mean
@@ -108,20 +129,21 @@ class MadadConfig(MethodConfig):
     map_reference: str = inference_field("input")  # compare x0_tilde with the input | with D(E(x))
     gamma: Optional[float] = inference_field(0.2)  # eq. 8 clip; None = no clip, map = |x0_tilde - x0|
     smoothing_sigma: float = inference_field(5.0)  # Gaussian G, in internal-resolution pixels (paper: unstated; code: 5)
+    amp: bool = inference_field(True)  # bf16 autocast of the networks when scoring on CUDA (DDIM state stays fp32)
 
 
 # Quick sizes: a narrow kl-f8 VAE (64 px -> 4 x 8 x 8 latents), a small UNet, few epochs.
 # Same algorithm; trains on 2 CPU cores in a few minutes on ~320 slices. The VAE keeps the
 # paper's factor 8 and so its compression (16 pixels per latent value): an f4 VAE at 64 px
 # (4 pixels per value) reconstructed the lesions themselves, leaving the map nothing to
-# find (README, "Diagnosis").
+# find (docs/notes/madad-diagnosis.md).
 _QUICK_SIZES: dict[str, Any] = {
     "image_size": 64,
     "vae_block_out_channels": (16, 32, 64, 64),
     "vae_layers_per_block": 1,
     "vae_norm_groups": 8,
     # 24 epochs: 12 left the VAE blurry (T1CE below the AE), 30 let it reconstruct the
-    # T2/FLAIR lesions too (README, "Diagnosis", points 3 and 7)
+    # T2/FLAIR lesions too (docs/notes/madad-diagnosis.md, points 3 and 7)
     "vae_epochs": 24,
     "vae_finetune_epochs": 2,
     "vae_lr": 1e-3,
@@ -147,7 +169,10 @@ _OFFICIAL: dict[str, Any] = {
     "warmup_epochs": 10,
     "epochs": 200,
     "weight_decay": 1e-4,
-    "ema_decay": 0.9999,
+    "ema_decay": 0.0,  # the EMA was dropped from the authors' code on 2025-07-31
+    "mask_head_silu": False,
+    "checkpoint": "best_val_mse",
+    "apply_brain_mask": False,  # evaluate-MAD-AD.py does not mask the map with the brain
     "unet_attention_levels": (True, True, True),
     "dropout": 0.4,
     "patch_size_probs": (0.2, 0.3, 0.3, 0.2),
@@ -158,7 +183,7 @@ _OFFICIAL: dict[str, Any] = {
     "smoothing_sigma": 5.0,
     "aug_p": 0.5,
     "aug_rotate_deg": 5.0,
-    "aug_translate_px": 8.0,
+    "aug_translate_px": 8.0,  # image_size // 32 at 256
     "aug_brightness": 0.1,
     "aug_contrast": 0.1,
 }
@@ -188,15 +213,16 @@ PROFILES: dict[str, dict[str, Any]] = {
     "quick": dict(_QUICK_SIZES),
     "tiny": dict(_TINY_SIZES),
     "official": dict(_OFFICIAL),
-    # Official knobs at quick sizes. Two values cannot survive the short run and are
-    # replaced (README says so): lr 4e-5 and EMA 0.9999 need thousands of steps.
+    # Official knobs at quick sizes. One value cannot survive the short run and is replaced
+    # (README says so): lr 4e-5 needs thousands of steps.
     "official-quick": {
         **_OFFICIAL,
         **_QUICK_SIZES,
         "lr": 5e-4,
         "warmup_epochs": 3,
-        "ema_decay": 0.0,
-        "aug_translate_px": 2.0,  # 8 px at 256
+        "aug_translate_px": 2.0,  # image_size // 32 at 64
     },
-    "official-tiny": {**_OFFICIAL, **_TINY_SIZES, "unet_attention_levels": (True, True), "ema_decay": 0.0, "lr": 5e-4, "aug_translate_px": 1.0},
+    "official-tiny": {
+        **_OFFICIAL, **_TINY_SIZES, "unet_attention_levels": (True, True), "lr": 5e-4, "aug_translate_px": 1.0, "val_every": 1,
+    },
 }

@@ -6,11 +6,13 @@ network sees ``t - 1`` (``0 .. T-1``), as the authors' code feeds indices 0..9.
 
 Schedules for T = 10:
 
-* ``linear``: the paper names no schedule (a comment in the authors' code says "linear").
-  The DDPM linear betas for T = 10 (1e-4 .. 0.02) would barely noise anything, and the
+* ``cosine`` (default of every profile): ``squaredcos_cap_v2`` for T steps (Nichol &
+  Dhariwal), what the authors' code runs (farzad-bz/MAD-AD, ``diffusion_x0/__init__.py``:
+  ``create_diffusion(noise_schedule="squaredcos_cap_v2", diffusion_steps=10)``; the
+  "linear noise schedule" comment in ``train-MAD-AD.py`` is stale). The paper names none.
+* ``linear`` (an option): the DDPM linear betas for T = 10 (1e-4 .. 0.02) would barely noise anything, and the
   guided-diffusion rescaling (betas 0.01 .. 2.0) is invalid, so we use the DDPM 1000-step
   linear schedule respaced to T steps: ``abar[t] = abar_1000[t * 1000 / T]``.
-* ``cosine``: ``squaredcos_cap_v2`` for T steps (Nichol & Dhariwal; what the authors' code runs).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import numpy as np
@@ -23,6 +24,9 @@ from methods.madad import anomaly
 from methods.madad.augment import augment
 from methods.madad.config import (
     BRAIN_RULES,
+    CHECKPOINTS,
+    DDIM_SPACINGS,
+    LATENT_NORM_REGIONS,
     LATENT_NORMS,
     LR_SCHEDULES,
     MASK_LOSSES,
@@ -34,18 +38,21 @@ from methods.madad.config import (
     MadadConfig,
 )
 from methods.madad.forward import alphas_cumprod, masked_q_sample
-from methods.madad.masking import restrict_to_brain, sample_patch_masks
-from methods.madad.sampler import MaskedDDIMOutput, masked_ddim
+from methods.madad.masking import latent_brain_mask, restrict_to_brain, sample_patch_masks
+from methods.madad.sampler import MaskedDDIMOutput, ddim_timesteps, masked_ddim
 from methods.madad.unet import MaskedDenoiser
 from methods.madad.vae import SD_SCALING_FACTOR, build_vae, encode_stats, load_pretrained_grey_vae, train_vae, vae_arch
 from methods.progress import progress_bar
 from methods.registry import register_method
 
 
-def latent_affine(sample: torch.Tensor, norm: str) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_affine(sample: torch.Tensor, norm: str, cells: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, A) so that ``A (z - mean)`` has zero mean and, per channel ("channel"), unit
-    std or ("whiten", ZCA) identity channel covariance over the ``N x C x h x w`` sample."""
+    std or ("whiten", ZCA) identity channel covariance over the ``N x C x h x w`` sample,
+    counting only the cells where ``cells`` (``N x 1 x h x w``, bool) is set (all if None)."""
     flat = sample.double().permute(1, 0, 2, 3).reshape(sample.shape[1], -1)  # C x (N h w)
+    if cells is not None:
+        flat = flat[:, cells.permute(1, 0, 2, 3).reshape(-1).bool()]
     mean = flat.mean(1)
     if norm == "channel":
         matrix = torch.diag(1.0 / flat.std(1).clamp(min=1e-6))
@@ -77,6 +84,7 @@ class MADAD(UADMethod):
         # affine of latent_norm "channel"/"whiten": z -> A (z - mean) (None: only latent_scale_)
         self.latent_mean_: Optional[torch.Tensor] = None
         self.latent_matrix_: Optional[torch.Tensor] = None  # A, C x C (diagonal for "channel")
+        self.latent_inverse_: Optional[torch.Tensor] = None  # A^-1, computed once when A is set
         self._score_index = 0  # running slice index within one score() call (noise seeds)
 
     # ------------------------------------------------------------------ config checks
@@ -91,6 +99,11 @@ class MADAD(UADMethod):
         _choice("map_reference", c.map_reference, REFERENCES)
         _choice("lr_schedule", c.lr_schedule, LR_SCHEDULES)
         _choice("latent_norm", c.latent_norm, LATENT_NORMS)
+        _choice("latent_norm_region", c.latent_norm_region, LATENT_NORM_REGIONS)
+        _choice("checkpoint", c.checkpoint, CHECKPOINTS)
+        _choice("ddim_spacing", c.ddim_spacing, DDIM_SPACINGS)
+        if c.val_every < 1 or c.log_every < 1:
+            raise ConfigError(f"madad: val_every and log_every must be >= 1, got {c.val_every}, {c.log_every}")
         factor = 2 ** (len(c.vae_block_out_channels) - 1)
         if c.image_size % factor:
             raise ConfigError(f"madad: image_size {c.image_size} must be divisible by the VAE factor {factor}")
@@ -99,8 +112,10 @@ class MADAD(UADMethod):
                 "madad: vae_perceptual_weight > 0 needs LPIPS weights, which cannot be downloaded here; "
                 "leave it at 0 (reconstruction + KL, optionally vae_adversarial_weight)"
             )
-        if not 1 <= c.ddim_steps <= c.timesteps:
-            raise ConfigError(f"madad: ddim_steps must be in 1..{c.timesteps}, got {c.ddim_steps}")
+        try:
+            ddim_timesteps(c.timesteps, c.ddim_steps, c.ddim_spacing)
+        except ValueError as err:
+            raise ConfigError(f"madad: {err}") from err
         anomaly.gaussian_sigma_check(c.smoothing_sigma)
 
     # ------------------------------------------------------------------ geometry helpers
@@ -151,6 +166,7 @@ class MADAD(UADMethod):
             norm_groups=c.unet_norm_groups,
             dropout=c.dropout,
             zero_init=c.mask_head_zero_init,
+            silu=c.mask_head_silu,
         )
 
     def _build(self) -> None:
@@ -176,29 +192,38 @@ class MADAD(UADMethod):
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.latent_scale_ = float(state["latent_scale"])
         as_tensor = lambda v: None if v is None else torch.tensor(v, dtype=torch.float32)  # noqa: E731
-        self.latent_mean_ = as_tensor(state.get("latent_mean"))
-        self.latent_matrix_ = as_tensor(state.get("latent_matrix"))
-        if self.latent_matrix_ is None and state.get("latent_std") is not None:  # checkpoints before "whiten"
-            self.latent_matrix_ = torch.diag(1.0 / as_tensor(state["latent_std"]))
+        matrix = as_tensor(state.get("latent_matrix"))
+        if matrix is None and state.get("latent_std") is not None:  # checkpoints before "whiten"
+            matrix = torch.diag(1.0 / as_tensor(state["latent_std"]))
+        self._set_latent_affine(as_tensor(state.get("latent_mean")), matrix)
 
     # ------------------------------------------------------------------ latent normalisation
+    def _set_latent_affine(self, mean: Optional[torch.Tensor], matrix: Optional[torch.Tensor]) -> None:
+        """Store ``z -> A (z - mean)`` and its inverse (one float64 inversion, here only)."""
+        self.latent_mean_, self.latent_matrix_ = mean, matrix
+        self.latent_inverse_ = None if matrix is None else torch.linalg.inv(matrix.double()).float()
+
     @staticmethod
     def _mix(matrix: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Apply a C x C matrix to the channels of ``B x C x h x w`` latents."""
         return torch.einsum("dc,bchw->bdhw", matrix.to(z), z)
 
     def _normalise(self, z: torch.Tensor) -> torch.Tensor:
-        """VAE latent -> diffusion latent: ``A (z - mean) * latent_scale_``."""
-        if self.latent_mean_ is not None:
-            z = self._mix(self.latent_matrix_, z - self.latent_mean_.to(z).view(1, -1, 1, 1))
-        return z * self.latent_scale_
+        """VAE latent -> diffusion latent: ``A (z - mean) * latent_scale_``, in float32 even
+        under autocast (the diffusion state is never rounded to bf16)."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float()
+            if self.latent_mean_ is not None:
+                z = self._mix(self.latent_matrix_, z - self.latent_mean_.to(z).view(1, -1, 1, 1))
+            return z * self.latent_scale_
 
     def _denormalise(self, z: torch.Tensor) -> torch.Tensor:
-        """Inverse of ``_normalise`` (what the VAE decoder takes)."""
-        z = z / self.latent_scale_
-        if self.latent_mean_ is not None:
-            z = self._mix(torch.linalg.inv(self.latent_matrix_.double()).float(), z) + self.latent_mean_.to(z).view(1, -1, 1, 1)
-        return z
+        """Inverse of ``_normalise`` (what the VAE decoder takes), float32."""
+        with torch.autocast(z.device.type, enabled=False):
+            z = z.float() / self.latent_scale_
+            if self.latent_mean_ is not None:
+                z = self._mix(self.latent_inverse_, z) + self.latent_mean_.to(z).view(1, -1, 1, 1)
+            return z
 
     # ------------------------------------------------------------------ training
     def _batch(self, data: SliceSet, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,21 +231,36 @@ class MADAD(UADMethod):
         b = torch.from_numpy(np.asarray(data.brain_masks[idx], dtype=np.float32))
         return x, b
 
+    def _train_autocast(self, device: torch.device):
+        """bf16 autocast for network forward passes in training (CUDA and ``train_amp`` only)."""
+        if self.config.train_amp and device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    @staticmethod
+    def _enable_tf32(device: torch.device) -> None:
+        if device.type == "cuda":  # as the authors' train-MAD-AD.py
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
     def _fit(self, train: SliceSet, val: Optional[SliceSet]) -> None:
         self._check_config()
+        if self.config.checkpoint == "best_val_mse" and (val is None or len(val) == 0):
+            raise ConfigError("madad: checkpoint='best_val_mse' keeps the weights with the best validation MSE and needs a validation set; pass val to fit() or use checkpoint='last'")
+        self._enable_tf32(self.device)
         gen = torch.Generator().manual_seed(self.config.seed)
         self._fit_latent_space(train, gen)
-        self._fit_denoiser(train, gen)
+        self._fit_denoiser(train, val, gen)
 
     def _fit_latent_space(self, train: SliceSet, gen: torch.Generator) -> None:
-        """Step 1: the VAE (adapted + fine-tuned, or trained here), then frozen."""
+        """Step 1: the VAE (loaded [+ fine-tuned], or trained here), then frozen."""
         c = self.config
         device = self.device
         channels = self.input_shape_[0]
         t0 = time.perf_counter()
         if c.vae_path:
             if channels != 1:
-                raise ConfigError(f"madad: a pretrained RGB VAE is adapted to one channel; the data have {channels}")
+                raise ConfigError(f"madad: a pretrained VAE is used with one-channel data; the data have {channels}")
             self.vae = load_pretrained_grey_vae(c.vae_path)
             epochs = c.vae_finetune_epochs
             self.notes["vae_source"] = f"pretrained:{c.vae_path}+finetune" if epochs > 0 else f"pretrained:{c.vae_path}"
@@ -243,43 +283,73 @@ class MADAD(UADMethod):
         self.notes["vae_final_loss"] = history[-1] if history else None
         self.notes["vae_seconds"] = round(time.perf_counter() - t0, 2)
 
-    def _fit_denoiser(self, train: SliceSet, gen: torch.Generator) -> None:
-        """Steps 2-3 on the frozen VAE: latent normalisation, then the masked denoiser."""
+    def _encode_set(self, data: SliceSet) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and std of every slice, encoded in chunks of ``vae_batch_size``
+        (on the device; float32)."""
         c = self.config
         device = self.device
-        # 2. Latents of the training set (once, unless augmentation needs fresh encodings).
-        cached: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-        if c.aug_p <= 0:
-            means, stds = [], []
-            with torch.no_grad():
-                for start in range(0, len(train), c.vae_batch_size):
-                    idx = np.arange(start, min(start + c.vae_batch_size, len(train)))
-                    m, s = encode_stats(self.vae, self._to_vae(self._batch(train, idx)[0]).to(device))
-                    means.append(m.cpu())
-                    stds.append(s.cpu())
-            cached = (torch.cat(means), torch.cat(stds))
-        self.latent_mean_ = self.latent_matrix_ = None
+        means, stds = [], []
+        with torch.no_grad(), self._train_autocast(device):
+            for start in range(0, len(data), c.vae_batch_size):
+                idx = np.arange(start, min(start + c.vae_batch_size, len(data)))
+                m, s = encode_stats(self.vae, self._to_vae(self._batch(data, idx)[0].to(device)))
+                means.append(m.float())
+                stds.append(s.float())
+        return torch.cat(means), torch.cat(stds)
+
+    def _allowed_cells(self, data: SliceSet) -> torch.Tensor:
+        """``N x 1 x h x w`` (device): the latent cells each slice's training masks may noise."""
+        c = self.config
+        hw = self._latent_hw
+        out = []
+        for start in range(0, len(data), 256):
+            brain = self._batch(data, np.arange(start, min(start + 256, len(data))))[1]
+            ones = torch.ones(brain.shape[0], 1, *hw)
+            out.append(restrict_to_brain(ones, brain, c.brain_restriction, c.latent_brain_threshold, c.brain_block_latent, c.brain_block_min_fraction))
+        return torch.cat(out).to(self.device)
+
+    def _fit_latent_norm(self, train: SliceSet, means: torch.Tensor, stds: torch.Tensor) -> None:
+        """``latent_scale_`` and the affine of ``latent_norm``, fitted on one posterior sample
+        per training slice, over the brain's latent cells (``latent_norm_region="brain"``)."""
+        c = self.config
+        self._set_latent_affine(None, None)
         if c.latent_scale is not None:
             self.latent_scale_ = float(c.latent_scale)
         elif c.vae_path:
             self.latent_scale_ = float(getattr(self.vae.config, "scaling_factor", SD_SCALING_FACTOR))
         else:  # LDM practice for a new VAE: unit-variance latents (per channel or one scalar)
-            if cached is None:
-                with torch.no_grad():
-                    idx = np.arange(min(len(train), 256))
-                    m, s = encode_stats(self.vae, self._to_vae(self._batch(train, idx)[0]).to(device))
-            else:
-                m, s = cached
-            sample = (m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(c.seed)).to(m)).float().cpu()
+            m, s = means.cpu(), stds.cpu()
+            sample = (m + s * torch.randn(m.shape, generator=torch.Generator().manual_seed(c.seed)).to(m)).float()
+            cells = None
+            if c.latent_norm_region == "brain":
+                brain = torch.cat([self._batch(train, np.arange(i, min(i + 256, len(train))))[1] for i in range(0, len(train), 256)])
+                cells = latent_brain_mask(brain, self._latent_hw, c.latent_brain_threshold).bool()
+                if int(cells.sum()) < 10 * sample.shape[1]:  # too few brain cells to fit C x C statistics
+                    cells = None
+                self.notes["latent_norm_cells"] = "all (too few brain cells)" if cells is None else int(cells.sum())
             if c.latent_norm == "global":
-                self.latent_scale_ = float(1.0 / sample.std().clamp(min=1e-6))
+                values = sample if cells is None else sample[cells.expand_as(sample)]
+                self.latent_scale_ = float(1.0 / values.std().clamp(min=1e-6))
             else:
-                self.latent_mean_, self.latent_matrix_ = latent_affine(sample, c.latent_norm)
+                self._set_latent_affine(*latent_affine(sample, c.latent_norm, cells))
                 self.latent_scale_ = 1.0
         self.notes["latent_scale"] = self.latent_scale_
         if self.latent_mean_ is not None:
             self.notes["latent_channel_mean"] = [round(float(v), 5) for v in self.latent_mean_]
             self.notes["latent_matrix"] = [[round(float(v), 5) for v in row] for row in self.latent_matrix_]
+
+    def _fit_denoiser(self, train: SliceSet, val: Optional[SliceSet], gen: torch.Generator) -> None:
+        """Steps 2-3 on the frozen VAE: latent normalisation, then the masked denoiser."""
+        c = self.config
+        device = self.device
+        # 2. Latents of the training set (kept on the device unless augmentation re-encodes).
+        means, stds = self._encode_set(train)
+        self._fit_latent_norm(train, means, stds)
+        cached = None if c.aug_p > 0 else (means, stds, self._allowed_cells(train))
+        del means, stds
+        val_set = None
+        if c.checkpoint == "best_val_mse":
+            val_set = (*self._encode_set(val), self._allowed_cells(val))
 
         # 3. Denoiser on the masked forward process.
         self.abar = alphas_cumprod(c.schedule, c.timesteps)
@@ -291,7 +361,7 @@ class MADAD(UADMethod):
             ema.load_state_dict(self.denoiser.state_dict())
             ema.requires_grad_(False)
         t1 = time.perf_counter()
-        self._train_denoiser(train, cached, gen, ema)
+        self._train_denoiser(train, cached, val_set, gen, ema)
         if ema is not None:
             self.denoiser.load_state_dict(ema.state_dict())
         self.denoiser.eval()
@@ -306,50 +376,100 @@ class MADAD(UADMethod):
             return 0.5 * (1 + math.cos(math.pi * (epoch - c.warmup_epochs) / total))
         return 1.0
 
-    def _train_denoiser(self, train: SliceSet, cached, gen: torch.Generator, ema: Optional[nn.Module]) -> None:
+    def _denoiser_loss(
+        self,
+        model: nn.Module,
+        z0: torch.Tensor,
+        allowed: torch.Tensor,
+        dgen: torch.Generator,
+        size_gen: torch.Generator,
+        ratio_max: float,
+        probs: Optional[tuple[float, ...]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 5 on one batch of diffusion latents ``z0`` (float32, on the device): draw the
+        masks (restricted to ``allowed``), ``t ~ U{1..T}`` and the noise on ``dgen``'s device,
+        noise with eq. 2 and feed the network ``t - 1`` (the index the sampler feeds for the
+        same ``abar_t``). Returns ``(loss, mse, mask_term)``, float32 scalars."""
+        c = self.config
+        b = z0.shape[0]
+        masks, _, _ = sample_patch_masks(
+            b, self._latent_hw, dgen, (c.mask_ratio_min, ratio_max), c.patch_sizes, probs, c.patch_size_per, size_gen=size_gen
+        )
+        masks = masks.to(z0.device) * allowed
+        t = torch.randint(1, c.timesteps + 1, (b,), generator=dgen, device=dgen.device).to(z0.device)
+        noise = torch.randn(z0.shape, generator=dgen, device=dgen.device).to(z0.device)
+        z_t = masked_q_sample(z0, t, masks, noise, self.abar)
+        with self._train_autocast(z0.device):
+            z0_hat, logits = model(z_t, t - 1)
+        z0_hat, logits = z0_hat.float(), logits.float()
+        mse = F.mse_loss(z0_hat, z0)
+        if c.mask_loss == "bce":
+            mask_term = F.binary_cross_entropy_with_logits(logits, masks)
+        else:  # authors' code: MSE on the sigmoid output
+            mask_term = F.mse_loss(torch.sigmoid(logits), masks)
+        return mse + c.mask_loss_weight * mask_term, mse, mask_term
+
+    def _diffusion_latents(self, mean: torch.Tensor, std: torch.Tensor, dgen: torch.Generator) -> torch.Tensor:
+        if self.config.train_latent == "sample":
+            mean = mean + std * torch.randn(mean.shape, generator=dgen, device=dgen.device).to(mean.device)
+        return self._normalise(mean)
+
+    def _validation_mse(self, model: nn.Module, val_set: tuple[torch.Tensor, ...]) -> float:
+        """Mean z0 MSE over the validation slices with the same draws every time (the
+        authors re-seed before each validation)."""
+        c = self.config
+        device = self.device
+        dgen = torch.Generator(device=device).manual_seed(c.seed + 1)
+        size_gen = torch.Generator().manual_seed(c.seed + 1)
+        means, stds, allowed = val_set
+        total = torch.zeros((), device=device)
+        model.eval()
+        with torch.no_grad():
+            for start in range(0, means.shape[0], c.batch_size):
+                sl = slice(start, start + c.batch_size)
+                z0 = self._diffusion_latents(means[sl], stds[sl], dgen)
+                _, mse, _ = self._denoiser_loss(model, z0, allowed[sl], dgen, size_gen, c.val_mask_ratio_max, tuple(c.val_patch_size_probs))
+                total += mse * z0.shape[0]
+        model.train()
+        return float(total) / max(means.shape[0], 1)
+
+    def _train_denoiser(self, train: SliceSet, cached, val_set, gen: torch.Generator, ema: Optional[nn.Module]) -> None:
         c = self.config
         device = self.device
         model = self.denoiser
         model.train()
         opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, self._lr_factor)
-        hw = self._latent_hw
         probs = tuple(c.patch_size_probs) if c.patch_size_probs is not None else None
+        # Draws on the training device; on the CPU one stream (``gen``) serves everything.
+        dgen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(c.seed)
         losses: list[float] = []
+        best = (math.inf, -1, None)  # (validation MSE, epoch, weights)
+        parts = torch.zeros(3, dtype=torch.float64)
+        count, step = 0, 0
         bar = progress_bar(range(c.epochs), desc="madad denoiser", unit="epoch")
         for epoch in bar:
-            total, parts, count = 0.0, np.zeros(2), 0
+            sums = torch.zeros(3, device=device)  # loss, mse, mask term (x batch size); read once an epoch
+            count = 0
             for idx in self.iterate_minibatches(len(train), c.batch_size, gen):
-                x, brain = self._batch(train, idx)
                 if cached is None:
+                    x, brain = self._batch(train, idx)
                     xv, brain = augment(
-                        self._to_vae(x), self._brain_internal(brain), gen, c.aug_p,
+                        self._to_vae(x.to(device)), self._brain_internal(brain.to(device)), dgen, c.aug_p,
                         c.aug_rotate_deg, c.aug_translate_px, c.aug_brightness, c.aug_contrast,
                     )
-                    with torch.no_grad():
-                        mean, std = encode_stats(self.vae, xv.to(device))
+                    with torch.no_grad(), self._train_autocast(device):
+                        mean, std = encode_stats(self.vae, xv)
+                    mean, std = mean.float(), std.float()
+                    allowed = restrict_to_brain(
+                        torch.ones(mean.shape[0], 1, *self._latent_hw, device=device), brain, c.brain_restriction,
+                        c.latent_brain_threshold, c.brain_block_latent, c.brain_block_min_fraction,
+                    )
                 else:
-                    mean, std = cached[0][idx].to(device), cached[1][idx].to(device)
-                b = mean.shape[0]
-                if c.train_latent == "sample":
-                    mean = mean + std * torch.randn(mean.shape, generator=gen).to(device)
-                z0 = self._normalise(mean)
-                masks, _, _ = sample_patch_masks(
-                    b, hw, gen, (c.mask_ratio_min, c.mask_ratio_max), c.patch_sizes, probs, c.patch_size_per
-                )
-                masks = restrict_to_brain(
-                    masks, brain, c.brain_restriction, c.latent_brain_threshold, c.brain_block_latent, c.brain_block_min_fraction
-                ).to(device)
-                t = torch.randint(1, c.timesteps + 1, (b,), generator=gen)
-                noise = torch.randn(z0.shape, generator=gen).to(device)
-                z_t = masked_q_sample(z0, t, masks, noise, self.abar)
-                z0_hat, logits = model(z_t, (t - 1).to(device))
-                mse = F.mse_loss(z0_hat, z0)
-                if c.mask_loss == "bce":
-                    mask_term = F.binary_cross_entropy_with_logits(logits, masks)
-                else:  # authors' code: MSE on the sigmoid output
-                    mask_term = F.mse_loss(torch.sigmoid(logits), masks)
-                loss = mse + c.mask_loss_weight * mask_term
+                    sel = torch.as_tensor(idx, device=device)
+                    mean, std, allowed = cached[0][sel], cached[1][sel], cached[2][sel]
+                z0 = self._diffusion_latents(mean, std, dgen)
+                loss, mse, mask_term = self._denoiser_loss(model, z0, allowed, dgen, gen, c.mask_ratio_max, probs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -357,51 +477,69 @@ class MADAD(UADMethod):
                     with torch.no_grad():
                         for pe, pm in zip(ema.parameters(), model.parameters()):
                             pe.lerp_(pm, 1 - c.ema_decay)
-                total += float(loss.detach()) * b
-                parts += np.array([float(mse.detach()), float(mask_term.detach())]) * b
+                b = z0.shape[0]
+                sums += torch.stack([loss.detach(), mse.detach(), mask_term.detach()]) * b
                 count += b
+                step += 1
+                if step % c.log_every == 0:  # the only host syncs within an epoch
+                    bar.set_postfix(mse=f"{float(sums[1]) / count:.4f}", mask=f"{float(sums[2]) / count:.4f}")
             sched.step()
-            losses.append(total / max(count, 1))
-            bar.set_postfix(mse=f"{parts[0] / max(count, 1):.4f}", mask=f"{parts[1] / max(count, 1):.4f}")
+            parts = sums.double().cpu() / max(count, 1)
+            losses.append(float(parts[0]))
+            bar.set_postfix(mse=f"{float(parts[1]):.4f}", mask=f"{float(parts[2]):.4f}")
+            if val_set is not None and epoch % c.val_every == 0 and epoch != 0:  # the authors' schedule
+                score = self._validation_mse(ema if ema is not None else model, val_set)
+                if score < best[0]:
+                    source = ema if ema is not None else model
+                    best = (score, epoch, {k: v.detach().clone() for k, v in source.state_dict().items()})
+        if best[2] is not None:
+            (ema if ema is not None else model).load_state_dict(best[2])
+        if val_set is not None:
+            self.notes["checkpoint_epoch"] = best[1] if best[2] is not None else c.epochs - 1
+            self.notes["best_val_mse"] = None if best[2] is None else best[0]
         self.notes["denoiser_final_loss"] = losses[-1] if losses else None
-        self.notes["denoiser_final_mse"] = float(parts[0] / max(count, 1)) if c.epochs else None
-        self.notes["denoiser_final_mask_loss"] = float(parts[1] / max(count, 1)) if c.epochs else None
+        self.notes["denoiser_final_mse"] = float(parts[1]) if c.epochs else None
+        self.notes["denoiser_final_mask_loss"] = float(parts[2]) if c.epochs else None
 
     # ------------------------------------------------------------------ inference
     def score(self, images: Any, brain_masks: Any, progress: bool = False) -> torch.Tensor:
         self._score_index = 0  # noise is seeded per slice index: reproducible, batch-size free
+        self._enable_tf32(self.device)
         return super().score(images, brain_masks, progress)
 
     def reconstruct(self, images: Any, brain_masks: Any) -> torch.Tensor:
         self._score_index = 0
         return super().reconstruct(images, brain_masks)
 
-    def _slice_noise(self, batch: int, latent_shape: tuple[int, ...], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per slice: one posterior-sample noise and ``steps`` DDIM noises, from a generator
-        seeded by ``(config.seed, slice index)``."""
+    def _slice_noise(self, batch: int, latent_shape: tuple[int, ...], steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per slice: one posterior-sample noise and ``steps`` DDIM noises, drawn on ``device``
+        from a generator seeded by ``(config.seed, slice index)``, so a slice's noise does not
+        depend on which batch it is in (on the CPU the same values as a CPU generator)."""
         start, self._score_index = self._score_index, self._score_index + batch
         eps0, eps = [], []
         for i in range(start, start + batch):
-            g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + i)
-            eps0.append(torch.randn(latent_shape, generator=g))
-            eps.append(torch.randn((steps, *latent_shape), generator=g))
+            g = torch.Generator(device=device).manual_seed(self.config.seed * 1_000_003 + i)
+            eps0.append(torch.randn(latent_shape, generator=g, device=device))
+            eps.append(torch.randn((steps, *latent_shape), generator=g, device=device))
         return torch.stack(eps0), torch.stack(eps, 1)  # B x C x h x w, steps x B x C x h x w
 
     def _denoise(self, z: torch.Tensor, t_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.denoiser(z, t_index)
+        """The network under the caller's autocast; outputs back in float32."""
+        z0_hat, logits = self.denoiser(z, t_index)
+        return z0_hat.float(), logits.float()
 
     def _restore(self, images: torch.Tensor) -> dict[str, Any]:
-        """Run MAD-AD on a batch; returns internal-resolution tensors on [-1, 1]."""
+        """Run MAD-AD on a batch; returns internal-resolution tensors on [-1, 1]. Under
+        autocast only the networks run in bf16: latents and the DDIM state are float32."""
         c = self.config
         x = self._to_vae(images)
         mean, std = encode_stats(self.vae, x)
         mean, std = mean.float(), std.float()
-        eps0, eps = self._slice_noise(x.shape[0], tuple(mean.shape[1:]), c.ddim_steps)
-        eps0, eps = eps0.to(x.device), eps.to(x.device)
+        eps0, eps = self._slice_noise(x.shape[0], tuple(mean.shape[1:]), c.ddim_steps, x.device)
         z_input = mean + std * eps0 if c.inference_start == "sample" else mean
         z_T = self._normalise(z_input)
         out: MaskedDDIMOutput = masked_ddim(
-            self._denoise, z_T, self.abar, c.ddim_steps, c.sigma, c.mask_threshold, eps if c.sigma > 0 else None
+            self._denoise, z_T, self.abar, c.ddim_steps, c.sigma, c.mask_threshold, eps if c.sigma > 0 else None, c.ddim_spacing
         )
         restored = self.vae.decode(self._denormalise(out.z0)).sample.float()
         return {"x": x, "z_T": z_T, "out": out, "restored": restored}

@@ -17,9 +17,18 @@ writes ``sqrt(1 - abar_prev)`` for the direction term; we use DDIM's
 ``sqrt(1 - abar_prev - sigma_t^2)`` (Song et al. eq. 12, and the authors' code), which
 keeps the marginal variance right; the two agree at ``sigma = 0``.
 
-With ``K`` DDIM steps out of ``T`` the visited timesteps are ``round(T (K - k) / K)`` for
-``k = 0 .. K-1`` (K = 10: 10, 9, .., 1; K = 5: 10, 8, .., 2; K = 2: 10, 5), ending at
-``abar_0 = 1`` where the update is ``z0~`` itself.
+Visited timesteps with ``K`` DDIM steps out of ``T`` (``ddim_timesteps``), ending at
+``abar_0 = 1`` where the update is ``z0~`` itself:
+
+* ``"official"`` (default): the authors' respacing (farzad-bz/MAD-AD,
+  ``diffusion_x0/respace.py``, ``space_timesteps(T, "ddimK")``): the smallest integer
+  stride ``s`` with ``len(range(0, T, s)) == K`` keeps the 0-based indices
+  ``0, s, 2s, ..``, i.e. our ``t = 1, 1 + s, ..``. For T = 10: K = 10 visits 10, 9, .., 1;
+  K = 5 visits 9, 7, 5, 3, 1; K = 2 visits 6, 1. Their loop tries strides 1 .. T-1 and so
+  fails for K = 1; we let the same rule take stride T (K = 1 visits t = 1). K values no
+  integer stride produces (6 .. 9 for T = 10) are an error, as in their code.
+* ``"even"``: ``round(T (K - k) / K)`` for ``k = 0 .. K-1``, starting at ``T`` (K = 5: 10, 8,
+  6, 4, 2; K = 2: 10, 5; K = 1: 10); defined for every K.
 """
 
 from __future__ import annotations
@@ -33,11 +42,25 @@ import torch
 Denoiser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def ddim_timesteps(T: int, steps: int) -> list[int]:
-    """Visited timesteps, descending from ``T`` (see module doc)."""
+SPACINGS = ("official", "even")
+
+
+def ddim_timesteps(T: int, steps: int, spacing: str = "official") -> list[int]:
+    """Visited timesteps ``t`` in ``1 .. T``, descending (see module doc)."""
     if not 1 <= steps <= T:
         raise ValueError(f"ddim_steps must be in 1..{T}, got {steps}")
-    return [int(round(T * (steps - k) / steps)) for k in range(steps)]
+    if spacing == "even":
+        return [int(round(T * (steps - k) / steps)) for k in range(steps)]
+    if spacing != "official":
+        raise ValueError(f"ddim_spacing must be one of {SPACINGS}, got {spacing!r}")
+    for stride in range(1, T + 1):
+        kept = range(0, T, stride)  # 0-based indices of the authors' code = t - 1
+        if len(kept) == steps:
+            return [i + 1 for i in reversed(kept)]
+    raise ValueError(
+        f"ddim_spacing 'official' cannot make {steps} steps out of {T} with an integer stride "
+        "(the authors' respacing rule); choose another ddim_steps or ddim_spacing 'even'"
+    )
 
 
 def ddim_sigma(abar_t: float, abar_prev: float, eta: float) -> float:
@@ -81,15 +104,18 @@ def masked_ddim(
     eta: float,
     threshold: float,
     noise: Optional[torch.Tensor] = None,
+    spacing: str = "official",
 ) -> MaskedDDIMOutput:
     """Run the masked reverse process from ``z_T``.
 
     ``denoiser(z_t, t_index)`` returns ``(z0_hat, mask_logits)`` with ``t_index = t - 1``.
     ``noise`` is ``steps x B x C x h x w`` (needed only when ``eta > 0``), drawn by the caller
-    so that scoring is reproducible.
+    so that scoring is reproducible. The state ``z`` stays in ``z_T``'s dtype (float32 in
+    the method) whatever the denoiser returns: under bf16 autocast only the network runs in
+    bf16, so cells outside the mask keep their exact values.
     """
     T = abar.shape[0] - 1
-    ts = ddim_timesteps(T, steps)
+    ts = ddim_timesteps(T, steps, spacing)
     z = z_T
     prob_sum = torch.zeros_like(z_T[:, :1], dtype=torch.float32)
     binary = torch.zeros_like(prob_sum)

@@ -1,10 +1,11 @@
 """The MAD-AD denoiser: a UNet with attention predicting z0, plus a mask head.
 
 The mask head is a real second head on the UNet's last decoder features (the input of
-``conv_norm_out``, before the z0 output convolution): GroupNorm -> SiLU -> 3x3 conv -> one
-logit per latent cell (sigmoid at use). The authors' code uses the same GroupNorm ->
-zero-initialised conv layout on its last decoder features; ``zero_init`` makes the mask
-start at p = 0.5 everywhere.
+``conv_norm_out``, before the z0 output convolution): GroupNorm -> [SiLU] -> 3x3 conv -> one
+logit per latent cell (sigmoid at use). The authors' code (farzad-bz/MAD-AD,
+``ldm/modules/diffusionmodules/openaimodel_medical.py``, ``mt_out``) is GroupNorm ->
+zero-initialised 3x3 conv -> sigmoid, without the SiLU their z0 head has: ``silu=False``.
+``zero_init`` makes the mask start at p = 0.5 everywhere.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class MaskedDenoiser(nn.Module):
         norm_groups: int,
         dropout: float = 0.0,
         zero_init: bool = True,
+        silu: bool = True,
     ) -> None:
         super().__init__()
         if len(attention_levels) != len(block_out_channels):
@@ -56,7 +58,8 @@ class MaskedDenoiser(nn.Module):
         if zero_init:
             nn.init.zeros_(conv.weight)
             nn.init.zeros_(conv.bias)
-        self.mask_head = nn.Sequential(nn.GroupNorm(norm_groups, width), nn.SiLU(), conv)
+        act = [nn.SiLU()] if silu else []
+        self.mask_head = nn.Sequential(nn.GroupNorm(norm_groups, width), *act, conv)
         self._features: torch.Tensor | None = None
         # Tap the features entering the z0 output block; both heads share them.
         self.unet.conv_norm_out.register_forward_pre_hook(self._tap)

@@ -2,14 +2,23 @@
 
 Two ways in:
 
-* ``load_pretrained_grey_vae(path)``: a user-supplied SD VAE (diffusers folder or
-  ``.safetensors``, diffusers or original LDM key names) adapted from RGB to one channel.
-  ``conv_in``: the three input filters are **summed**. A grey image replicated to RGB gives
+* ``load_pretrained_grey_vae(path)``: a user-supplied kl-f8 VAE: a diffusers folder, or a
+  ``.safetensors`` / ``.pt`` / ``.ckpt`` state dict with diffusers or original LDM key names
+  (``encoder.down.0.block.0...``, ``quant_conv``, ``post_quant_conv``; LDM's ``loss.*``
+  entries are ignored). LDM keys are converted with diffusers' single-file helper
+  ``convert_ldm_vae_checkpoint``. The architecture (levels, widths, blocks per level,
+  latent and image channels) is read from the weights' shapes; the GroupNorm group count,
+  which shapes do not show, is LDM's 32 unless a ``config.json`` beside the file says
+  otherwise. A one-channel VAE (the authors' ``VAE-Medical-klf8``, farzad-bz/Medical-VAE on
+  the Hugging Face hub, once saved as a state dict) is used as is; an RGB one (Stable
+  Diffusion's) is adapted to one channel. ``conv_in``: the three input filters are
+  **summed**. A grey image replicated to RGB gives
   ``conv(x, x, x) = (W_r + W_g + W_b) * x``, so the summed filter reproduces the RGB
   network's activations exactly (a mean would scale them by 1/3 and shift every later
   layer). ``conv_out``: the three output filters and biases are **averaged**, so the
   one-channel output is the mean of the RGB outputs (equal to each of them for a grey
-  reconstruction). The adapted VAE is then fine-tuned on the training slices.
+  reconstruction). The VAE is then fine-tuned on the training slices
+  (``vae_finetune_epochs``, 0 = as loaded).
 * ``build_vae(...)``: the same architecture family untrained, for training from scratch.
 
 Images enter the VAE on [-1, 1] (SD convention) at the internal resolution.
@@ -70,36 +79,84 @@ def vae_arch(vae: AutoencoderKL) -> dict[str, Any]:
     }
 
 
-def load_rgb_vae(path: str | Path) -> AutoencoderKL:
-    """Load an SD VAE from a diffusers folder or a ``.safetensors``/``.pt`` state dict (offline)."""
+def _levels(state: dict[str, torch.Tensor], pattern: str) -> int:
+    """Number of consecutive indices ``i`` with ``pattern.format(i)`` among the keys."""
+    n = 0
+    while pattern.format(n) in state:
+        n += 1
+    return n
+
+
+def arch_from_state(state: dict[str, torch.Tensor], norm_num_groups: int = 32) -> tuple[dict[str, Any], int]:
+    """``(arch, in_channels)`` of a diffusers-layout AutoencoderKL state dict, from shapes."""
+    n = _levels(state, "encoder.down_blocks.{}.resnets.0.conv1.weight")
+    if n == 0 or "quant_conv.weight" not in state or "encoder.conv_in.weight" not in state:
+        raise KeyError("encoder.down_blocks / quant_conv / encoder.conv_in")
+    arch = {
+        "block_out_channels": [int(state[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"].shape[0]) for i in range(n)],
+        "layers_per_block": _levels(state, "encoder.down_blocks.0.resnets.{}.conv1.weight"),
+        "latent_channels": int(state["quant_conv.weight"].shape[0]) // 2,
+        "norm_num_groups": norm_num_groups,
+        "sample_size": SD_KL_F8["sample_size"],
+    }
+    return arch, int(state["encoder.conv_in.weight"].shape[1])
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickled module (e.g. the authors' VAE-Medical-klf8.pt) or a broken file
+        raise ValueError(
+            f"vae_path {path}: not a state dict of tensors ({type(err).__name__}). A pickled module, such as the "
+            "authors' VAE-Medical-klf8.pt, is not unpickled here (that would run its code); where its classes "
+            "import, save its weights with torch.save(module.state_dict(), 'vae.pt') and pass that file"
+        ) from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a Lightning / LDM checkpoint
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"vae_path {path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
+
+
+def load_vae(path: str | Path) -> AutoencoderKL:
+    """Load a kl-f8 ``AutoencoderKL`` from a diffusers folder or a state dict file (offline)."""
     path = Path(path)
     if path.is_dir():
         return AutoencoderKL.from_pretrained(path, local_files_only=True)
     if not path.is_file():
         raise FileNotFoundError(f"vae_path {path}: no such file or directory")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+    state = _read_state(path)
     config_path = path.with_name("config.json")
-    arch = dict(SD_KL_F8)
+    groups = SD_KL_F8["norm_num_groups"]
     if config_path.is_file():
-        cfg = json.loads(config_path.read_text())
-        arch.update({k: cfg[k] for k in arch if k in cfg})
-    vae = build_vae(arch, in_channels=3)
+        groups = int(json.loads(config_path.read_text()).get("norm_num_groups", groups))
     if not any(k.startswith("encoder.down_blocks") for k in state):  # original LDM key names
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-        state = convert_ldm_vae_checkpoint(state, dict(vae.config))
+        n = _levels({k.split("first_stage_model.", 1)[-1].split("vae.", 1)[-1]: 0 for k in state}, "encoder.down.{}.block.0.conv1.weight")
+        if n == 0:
+            raise ValueError(f"vae_path {path}: neither diffusers nor LDM AutoencoderKL keys (e.g. encoder.down.0.block.0.conv1.weight)")
+        state = convert_ldm_vae_checkpoint(state, {"down_block_types": ("DownEncoderBlock2D",) * n, "up_block_types": ("UpDecoderBlock2D",) * n})
+    try:
+        arch, in_channels = arch_from_state(state, groups)
+    except KeyError as err:
+        raise ValueError(f"vae_path {path}: not a kl AutoencoderKL state dict; missing {err}") from err
+    vae = build_vae(arch, in_channels=in_channels)
     missing, unexpected = vae.load_state_dict(state, strict=False)
     if missing:
-        raise ValueError(f"vae_path {path}: not an SD kl-f8 VAE; missing weights such as {missing[:3]}")
+        raise ValueError(f"vae_path {path}: not a kl-f8 AutoencoderKL of the inferred layout {arch}; missing weights such as {missing[:3]}")
     if unexpected:
         log.warning("vae_path %s: ignoring %d unexpected keys", path, len(unexpected))
     return vae
+
+
+def load_rgb_vae(path: str | Path) -> AutoencoderKL:
+    """Backward-compatible name of ``load_vae``."""
+    return load_vae(path)
 
 
 def adapt_rgb_to_grey(rgb: AutoencoderKL) -> AutoencoderKL:
@@ -115,7 +172,14 @@ def adapt_rgb_to_grey(rgb: AutoencoderKL) -> AutoencoderKL:
 
 
 def load_pretrained_grey_vae(path: str | Path) -> AutoencoderKL:
-    return adapt_rgb_to_grey(load_rgb_vae(path))
+    """A one-channel VAE from ``path``: used as is if it has one channel, adapted if RGB."""
+    vae = load_vae(path)
+    channels = int(vae.config.in_channels)
+    if channels == 1:
+        return vae
+    if channels == 3:
+        return adapt_rgb_to_grey(vae)
+    raise ValueError(f"vae_path {path}: a VAE with {channels} input channels; expected 1 (grey) or 3 (RGB, adapted)")
 
 
 class PatchDiscriminator(nn.Module):
@@ -161,7 +225,7 @@ def train_vae(
         opt_d = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     history = []
     for epoch in progress_bar(range(epochs), desc=desc, unit="epoch"):
-        total, count = 0.0, 0
+        total, count = torch.zeros((), device=device), 0  # read back once an epoch (no per-step sync)
         for x in batches(epoch):
             x = x.to(device)
             posterior = vae.encode(x).latent_dist
@@ -180,9 +244,9 @@ def train_vae(
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 opt_d.step()
-            total += float(loss.detach()) * x.shape[0]
+            total += loss.detach() * x.shape[0]
             count += x.shape[0]
-        history.append(total / max(count, 1))
+        history.append(float(total) / max(count, 1))
     vae.eval()
     for p in vae.parameters():
         p.requires_grad_(False)
