@@ -298,7 +298,7 @@ def test_latent_normalisation_is_fitted_on_brain_cells(tiny_data, norm: str) -> 
     from methods.madad.masking import latent_brain_mask
 
     train, _ = tiny_data
-    m = MADAD.from_profile("tiny", device="cpu", latent_norm=norm, epochs=0).fit(train)
+    m = MADAD.from_profile("tiny", device="cpu", latent_norm=norm, epochs=1).fit(train)
     with torch.no_grad():
         dist = m.vae.encode(m._to_vae(torch.from_numpy(np.asarray(train.images)))).latent_dist
     # the posterior sample the fit drew (its seed), so the statistics are those of the fit itself
@@ -563,7 +563,7 @@ def test_training_and_sampling_feed_the_same_index_for_the_same_noise_level(tiny
     real_q, real_forward, real_step = method_module.masked_q_sample, MaskedDenoiser.forward, sampler.masked_ddim_step
     monkeypatch.setattr(method_module, "masked_q_sample", lambda z0, t, *a: drawn.append(t.clone()) or real_q(z0, t, *a))
     monkeypatch.setattr(MaskedDenoiser, "forward", lambda self, z, t: fed.append(t.clone()) or real_forward(self, z, t))
-    m = MADAD.from_profile("tiny", device="cpu", epochs=6, vae_epochs=0, score_batch_size=4).fit(train)
+    m = MADAD.from_profile("tiny", device="cpu", epochs=6, vae_epochs=1, score_batch_size=4).fit(train)
     T = m.config.timesteps
     t_train = torch.cat(drawn)
     assert len(fed) == len(drawn) and torch.equal(torch.cat(fed), t_train - 1)
@@ -628,7 +628,7 @@ def test_official_checkpoint_is_the_best_validation_mse(monkeypatch) -> None:
         return next(scores)
 
     monkeypatch.setattr(MADAD, "_validation_mse", scripted)
-    m = MADAD.from_profile("official-tiny", device="cpu", epochs=4, vae_epochs=0).fit(train, val)
+    m = MADAD.from_profile("official-tiny", device="cpu", epochs=4, vae_epochs=1).fit(train, val)
     assert len(snapshots) == 3 and (m.notes["checkpoint_epoch"], m.notes["best_val_mse"]) == (2, 0.1)
     final = m.denoiser.state_dict()
     assert all(torch.equal(final[k], v) for k, v in snapshots[1].items())
