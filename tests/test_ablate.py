@@ -14,6 +14,8 @@ from datasets.format import save_slices
 from tests import toy_method
 from tests.conftest import make_tiny_slices
 
+pytestmark = pytest.mark.slow  # Ray / Tune / a subprocess run: deselect with -m 'not slow'
+
 METHOD = toy_method.NAME
 
 

@@ -74,7 +74,7 @@ def test_shipped_records_carry_only_the_examples_the_figures_draw(repo: Path) ->
     shipped = repo / "results" / "records"
     examples = sorted(p.name for p in shipped.rglob("*.examples.npz"))
     # fake runs: default variant, seed 0, FLAIR for each S2 paper method
-    assert examples == [f"embedded-FLAIR__seed0__default.examples.npz"] * 3
+    assert examples == ["embedded-FLAIR__seed0__default.examples.npz"] * 3
     assert list(shipped.rglob("*.per_image.csv"))
 
 

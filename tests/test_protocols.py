@@ -18,7 +18,7 @@ import torch
 
 from datasets.format import SliceSet
 from protocols import PROTOCOLS, EvaluationResult, Protocol, ProtocolDataError, get_protocol, list_protocols
-from protocols.metrics import GRIDS, TIE_TOL, threshold_from_healthy
+from protocols.metrics import TIE_TOL, threshold_from_healthy
 
 TOL = 1e-12
 
@@ -377,7 +377,7 @@ def test_s2_grid_mode_and_torch_and_channel_axis():
 def test_minmax_normalisation_scales_validation_maps_alike():
     data = make_set([40, 120, 300], size=32)
     test, val = data.split("test"), data.split("val")
-    masks, brain = np.asarray(test.lesion_masks), np.asarray(test.brain_masks)
+    masks = np.asarray(test.lesion_masks)
     maps = 3.0 + 4.0 * lesion_maps(masks)
     val_maps = 3.0 + 4.0 * 0.6 * np.random.default_rng(5).random(val.brain_masks.shape)
     plain = get_protocol("S2", val_fpr=0.05).evaluate(maps, test, val_maps=val_maps, val_brain_masks=val.brain_masks)

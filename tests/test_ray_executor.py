@@ -27,6 +27,8 @@ from datasets.format import save_slices  # noqa: E402
 from tests import toy_method  # noqa: E402  (registers the toy method in this process)
 from tests.conftest import make_tiny_slices  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Ray / Tune / a subprocess run: deselect with -m 'not slow'
+
 METHOD = toy_method.NAME
 
 

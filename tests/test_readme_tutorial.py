@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # Ray / Tune / a subprocess run: deselect with -m 'not slow'
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
