@@ -136,7 +136,7 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
     profile, overrides = job.variant.resolve(job.profile)
     method = create_method(job.method, profile, seed=job.seed, device=device, **overrides)
     key = stable_hash({"training": method.training_key(), "data": splits.train.fingerprint(), "modality": job.modality})
-    checkpoint = Path(ctx.checkpoints) / job.method / key
+    checkpoint = Path(ctx.checkpoints) / method.family() / key  # shared by the methods of one training family
     fitted, fit_info = _fitted_method(method, key, checkpoint, splits, trained)
 
     start = time.perf_counter()
@@ -162,12 +162,14 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
         "error": None,
         "config": config_to_dict(fitted.config),
         "training_key": key,
+        "training_family": method.family(),
         "protocol": protocol.parameters(),
         "data": _data_info(job, splits),
         "metrics": {k: float(v) for k, v in result.metrics.items()},
         "timings": {
             "fit_seconds": fit_info["fit_seconds"],
             "reused_checkpoint": fit_info["reused"],
+            "checkpoint_trained_by": fit_info.get("trained_by"),
             "score_seconds": score_seconds,
             "slices_per_second": n_test / score_seconds if score_seconds > 0 else None,
             "n_scored": n_test,
@@ -183,19 +185,20 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
 
 def _fitted_method(method: UADMethod, key: str, checkpoint: Path, splits: _Splits, trained: dict) -> tuple[UADMethod, dict]:
     """Train once per training key; later variants reuse the model (memory, then disk)."""
-    if key in trained:
+    if key in trained and type(trained[key][0]) is type(method):
         fitted, info = trained[key]
         fitted.config = method.config  # same training fields; only inference knobs differ
         return fitted, dict(info, reused=True)
     info_path = checkpoint / "fit.json"
     if (checkpoint / "method.json").is_file() and info_path.is_file():
+        # possibly trained by another method of the same training family (DDPM for THOR)
         fitted = get_method_class(method.name).load(checkpoint, device=method.config.device)
         fitted.config = method.config
         info = dict(json.loads(info_path.read_text()), reused=True)
     else:
         start = time.perf_counter()
         method.fit(splits.train, splits.val)
-        info = {"fit_seconds": time.perf_counter() - start, "n_train": len(splits.train), "created": now_iso()}
+        info = {"fit_seconds": time.perf_counter() - start, "n_train": len(splits.train), "created": now_iso(), "trained_by": method.name}
         method.save(checkpoint)
         atomic_write_text(json.dumps(info), info_path)  # written last: marks the checkpoint complete
         fitted, info = method, dict(info, reused=False)
