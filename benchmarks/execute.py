@@ -192,8 +192,7 @@ def _fitted_method(method: UADMethod, key: str, checkpoint: Path, splits: _Split
     info_path = checkpoint / "fit.json"
     if (checkpoint / "method.json").is_file() and info_path.is_file():
         # possibly trained by another method of the same training family (DDPM for THOR)
-        fitted = get_method_class(method.name).load(checkpoint, device=method.config.device)
-        fitted.config = method.config
+        fitted = get_method_class(method.name).load(checkpoint, device=method.config.device, config=method.config)
         info = dict(json.loads(info_path.read_text()), reused=True)
     else:
         start = time.perf_counter()

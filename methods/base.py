@@ -348,8 +348,14 @@ class UADMethod(ABC):
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | None = None) -> "UADMethod":
-        """Rebuild a fitted method saved by ``save``."""
+    def load(cls, directory: str | os.PathLike, device: str | None = None, config: MethodConfig | None = None) -> "UADMethod":
+        """Rebuild a fitted method saved by ``save``.
+
+        A method of the same ``training_family`` may load the checkpoint (THOR the network
+        DDPM trained). ``config`` replaces the saved config; it must have the same training
+        fields (else ``ValueError``). Without it, a sibling's saved training fields are
+        combined with this method's defaults for the rest.
+        """
         directory = Path(directory)
         meta_path, weights_path = directory / "method.json", directory / "weights.pt"
         for path in (meta_path, weights_path):
@@ -368,14 +374,21 @@ class UADMethod(ABC):
         elif meta["method"] != cls.name and meta.get("training_family") != cls.family():
             raise ValueError(f"{meta_path}: holds method {meta['method']!r}, not {cls.name!r}")
         config_values = meta["config"]
-        if meta["method"] != cls.name:  # a sibling of the family trained it: keep the fields this method has
-            known = {f.name for f in dataclasses.fields(cls.Config)}
+        if meta["method"] != cls.name:  # a sibling of the family trained it: keep its training fields
+            skip = inference_field_names(cls.Config)
+            known = {f.name for f in dataclasses.fields(cls.Config)} - skip
             config_values = {k: v for k, v in config_values.items() if k in known}
         if device is not None:
             config_values = dict(config_values, device=device)
         defaults = cls.Config()
-        config = apply_overrides(defaults, {k: _restore_type(v, getattr(defaults, k, None)) for k, v in config_values.items()})
-        method = cls(config)
+        saved = apply_overrides(defaults, {k: _restore_type(v, getattr(defaults, k, None)) for k, v in config_values.items()})
+        if config is not None:
+            if device is not None:
+                config = dataclasses.replace(config, device=device)
+            if cls(config).training_config() != cls(saved).training_config():
+                raise ValueError(f"{meta_path}: the given config trains differently from the saved one; not the same weights")
+            saved = config
+        method = cls(saved)
         method.input_shape_ = tuple(meta["input_shape"])  # type: ignore[assignment]
         method.notes = dict(meta.get("notes", {}))
         method._build()
