@@ -336,6 +336,17 @@ def test_slice_noise_depends_on_the_slice_index_not_the_batch() -> None:
     assert not torch.equal(whole, gaussian_noise(like, SliceGenerators(8, range(0, 4), "cpu")))  # seed matters
 
 
+def test_simplex_per_slice_is_one_batched_draw_equal_to_single_draws() -> None:
+    from methods.common.noise import SliceGenerators
+    from methods.common.simplex import simplex_field
+
+    like = torch.zeros(3, 2, 16, 16)
+    whole = simplex_field(like, SliceGenerators(5, range(10, 13), "cpu"), frequency=8.0)
+    parts = torch.cat([simplex_field(like[:1], SliceGenerators(5, range(i, i + 1), "cpu"), frequency=8.0) for i in range(10, 13)])
+    assert torch.equal(whole, parts)
+    assert not torch.equal(whole[0], whole[1]) and not torch.equal(whole[0, 0], whole[0, 1])
+
+
 def test_identical_slices_at_different_indices_get_different_noise() -> None:
     from methods.ddpm import DDPM
     from tests.conftest import make_tiny_slices
