@@ -410,6 +410,9 @@ def test_validation_is_a_full_reconstruction_from_val_t() -> None:
     loss = method.validation_loss(val)
     assert method.nfe == 4 * 1  # steps 3..0 for one batch of 2 slices
     assert loss == method.validation_loss(val) and loss > 0  # fixed noise: reproducible
+    method.config.val_slices, method.nfe = 1, 0
+    one = method.validation_loss(val)  # the first slice only (evenly spaced subset of 1)
+    assert method.nfe == 4 and one != loss
 
 
 def test_ema_weights_are_used_after_training() -> None:
