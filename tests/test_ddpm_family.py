@@ -94,6 +94,17 @@ def test_anoddpm_trains_as_wyatt() -> None:
 
 
 # ----------------------------------------------------------------------------- profiles
+@pytest.mark.parametrize("name", ["ddpm", "anoddpm", "pddpm", "thor", "autoddpm"])
+def test_every_profile_is_a_valid_config(name: str) -> None:
+    cls = get_method_class(name)
+    for profile in cls.profiles:
+        method = cls.from_profile(profile, device="cpu")
+        method.input_shape_ = (1, 128, 128)
+        method.validate_config()
+        c = method.config
+        assert 0 <= c.val_t < c.num_train_timesteps and (c.train_t_max or c.num_train_timesteps) <= c.num_train_timesteps
+
+
 @pytest.mark.parametrize("name,t_paper", [("ddpm", 350), ("anoddpm", 250), ("pddpm", 499)])
 def test_paper_defaults_and_quick_scaling(name: str, t_paper: int) -> None:
     cls = get_method_class(name)

@@ -105,6 +105,7 @@ QUICK_BACKBONE: dict = {
     "augment": False,
     "keep_best": False,
     "val_every": None,
+    "val_t": 34,  # scale_timestep(350, 1000, 100), used when a validation is switched on
 }
 #: ``quick`` of DDPM, THOR and AutoDDPM, which share one trained network: 60 epochs (with 15
 #: the DDPM reconstructions do not beat a constant map on the embedded T1 data).
