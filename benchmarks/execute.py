@@ -208,7 +208,8 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
     if modalities != [job.modality]:
         identity["training_modalities"] = modalities  # absent otherwise: single-modality keys stay as they were
     key = stable_hash(identity)
-    checkpoint = inside(Path(ctx.checkpoints), Path(ctx.checkpoints) / safe_component(job.method) / key)
+    # shared by the methods of one training family (DDPM, THOR and AutoDDPM train one network)
+    checkpoint = inside(Path(ctx.checkpoints), Path(ctx.checkpoints) / safe_component(method.family()) / key)
     report_phase(_label(job), "fit")
     fitted, fit_info = _fitted_method(method, key, checkpoint, fit_splits, trained)
 
@@ -238,12 +239,14 @@ def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained:
         "error": None,
         "config": config_to_dict(fitted.config),
         "training_key": key,
+        "training_family": method.family(),
         "protocol": protocol.parameters(),
         "data": dict(_data_info(job, splits), **({"training_modalities": modalities} if modalities != [job.modality] else {})),
         "metrics": {k: float(v) for k, v in result.metrics.items()},
         "timings": {
             "fit_seconds": fit_info["fit_seconds"],
             "reused_checkpoint": fit_info["reused"],
+            "checkpoint_trained_by": fit_info.get("trained_by"),
             "score_seconds": score_seconds,
             "slices_per_second": n_test / score_seconds if score_seconds > 0 else None,
             "n_scored": n_test,
@@ -272,15 +275,37 @@ def _label(job: Job) -> str:
 
 def _fitted_method(method: UADMethod, key: str, checkpoint: Path, splits: _Splits, trained: dict) -> tuple[UADMethod, dict]:
     """Train once per training key; later variants reuse the model (memory, then disk)."""
-    if key in trained:
+    if key in trained and type(trained[key][0]) is type(method):
         fitted, info = trained[key]
         fitted.config = method.config  # same training fields; only inference knobs differ
         return fitted, dict(info, reused=True)
+    with _checkpoint_lock(checkpoint):  # one trainer per checkpoint: a sibling job (THOR beside DDPM under Ray) waits, then loads
+        fitted, info = _load_or_fit(method, checkpoint, splits)
+    trained[key] = (fitted, info)
+    return fitted, info
+
+
+@contextmanager
+def _checkpoint_lock(checkpoint: Path):
+    import fcntl
+
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint.parent / f".{checkpoint.name}.lock", "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _load_or_fit(method: UADMethod, checkpoint: Path, splits: _Splits) -> tuple[UADMethod, dict]:
+    """The checkpoint's method if it loads, else ``method`` trained now and saved there."""
     info_path = checkpoint / "fit.json"
     fitted = None
     if (checkpoint / "method.json").is_file() and info_path.is_file():
         try:
-            fitted = get_method_class(method.name).load(checkpoint, device=method.config.device)
+            # possibly trained by another method of the same training family (DDPM for THOR)
+            fitted = get_method_class(method.name).load(checkpoint, device=method.config.device, config=method.config)
             info = dict(json.loads(info_path.read_text()), reused=True)
         except Exception as exc:  # truncated, edited or foreign files: keep them for a look, train again
             moved = _quarantine(checkpoint)
@@ -293,11 +318,10 @@ def _fitted_method(method: UADMethod, key: str, checkpoint: Path, splits: _Split
     else:
         start = time.perf_counter()
         method.fit(splits.train, splits.val)
-        info = {"fit_seconds": time.perf_counter() - start, "n_train": len(splits.train), "created": now_iso()}
+        info = {"fit_seconds": time.perf_counter() - start, "n_train": len(splits.train), "created": now_iso(), "trained_by": method.name}
         method.save(checkpoint)
         atomic_write_text(json.dumps(info), info_path)  # written last: marks the checkpoint complete
         fitted, info = method, dict(info, reused=False)
-    trained[key] = (fitted, info)
     return fitted, info
 
 

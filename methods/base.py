@@ -158,6 +158,10 @@ class UADMethod(ABC):
     #: Whether maps are independent of ``score_batch_size`` (False for methods that draw
     #: sampling noise batch by batch); the conformance test checks it when True.
     batch_invariant: ClassVar[bool] = True
+    #: Methods that train the same network the same way share a family (e.g. DDPM, THOR
+    #: and AutoDDPM: "pixel-ddpm"); the training key, and so the checkpoint, is the
+    #: family's, not the method's. ``None``: the method's own name.
+    training_family: ClassVar[str | None] = None
     #: Extra facts a record should carry (e.g. which perceptual distance was used).
     notes: dict[str, Any]
 
@@ -190,11 +194,19 @@ class UADMethod(ABC):
     def device(self) -> torch.device:
         return resolve_device(self.config.device)
 
-    def training_key(self) -> str:
-        """Hash of everything that changes the trained weights (inference fields excluded)."""
+    @classmethod
+    def family(cls) -> str:
+        """The name under which trained weights are keyed and stored (``training_family`` or the method's name)."""
+        return cls.training_family or cls.name
+
+    def training_config(self) -> dict[str, Any]:
+        """The config values that change the trained weights (inference fields and the device excluded)."""
         skip = inference_field_names(type(self.config))
-        values = {k: v for k, v in config_to_dict(self.config).items() if k not in skip and k != "device"}
-        return stable_hash({"method": self.name, "config": values, "format": FORMAT_VERSION})
+        return {k: v for k, v in config_to_dict(self.config).items() if k not in skip and k != "device"}
+
+    def training_key(self) -> str:
+        """Hash of what determines the weights: the training family (network and training code) and training config."""
+        return stable_hash({"method": self.family(), "config": self.training_config(), "format": FORMAT_VERSION})
 
     def with_inference_overrides(self, **overrides: Any) -> "UADMethod":
         """Change scoring-only knobs of a fitted method in place (ablation variants)."""
@@ -335,6 +347,7 @@ class UADMethod(ABC):
 
         meta = {
             "method": self.name,
+            "training_family": self.family(),
             "class": f"{type(self).__module__}:{type(self).__qualname__}",
             "format_version": FORMAT_VERSION,
             "uad_bench_version": __version__,
@@ -349,8 +362,14 @@ class UADMethod(ABC):
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, device: str | None = None) -> "UADMethod":
-        """Rebuild a fitted method saved by ``save``."""
+    def load(cls, directory: str | os.PathLike, device: str | None = None, config: MethodConfig | None = None) -> "UADMethod":
+        """Rebuild a fitted method saved by ``save``.
+
+        A method of the same ``training_family`` may load the checkpoint (THOR the network
+        DDPM trained). ``config`` replaces the saved config; it must have the same training
+        fields (else ``ValueError``). Without it, a sibling's saved training fields are
+        combined with this method's defaults for the rest.
+        """
         directory = Path(directory)
         meta_path, weights_path = directory / "method.json", directory / "weights.pt"
         for path in (meta_path, weights_path):
@@ -366,14 +385,24 @@ class UADMethod(ABC):
             from methods.registry import get_method_class
 
             cls = get_method_class(meta["method"])
-        elif meta["method"] != cls.name:
+        elif meta["method"] != cls.name and meta.get("training_family") != cls.family():
             raise ValueError(f"{meta_path}: holds method {meta['method']!r}, not {cls.name!r}")
         config_values = meta["config"]
+        if meta["method"] != cls.name:  # a sibling of the family trained it: keep its training fields
+            skip = inference_field_names(cls.Config)
+            known = {f.name for f in dataclasses.fields(cls.Config)} - skip
+            config_values = {k: v for k, v in config_values.items() if k in known}
         if device is not None:
             config_values = dict(config_values, device=device)
         defaults = cls.Config()
-        config = apply_overrides(defaults, {k: _restore_type(v, getattr(defaults, k, None)) for k, v in config_values.items()})
-        method = cls(config)
+        saved = apply_overrides(defaults, {k: _restore_type(v, getattr(defaults, k, None)) for k, v in config_values.items()})
+        if config is not None:
+            if device is not None:
+                config = dataclasses.replace(config, device=device)
+            if cls(config).training_config() != cls(saved).training_config():
+                raise ValueError(f"{meta_path}: the given config trains differently from the saved one; not the same weights")
+            saved = config
+        method = cls(saved)
         method.input_shape_ = tuple(meta["input_shape"])  # type: ignore[assignment]
         method.notes = dict(meta.get("notes", {}))
         method._build()

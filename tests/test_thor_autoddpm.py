@@ -123,7 +123,7 @@ def test_repaint_keeps_the_known_region(data) -> None:
             assert not torch.equal(known_prev, known)  # ... noised to level t - 1
 
     with torch.no_grad():
-        out = method.repaint(known, torch.zeros_like(known), mask, method.generator(), on_step=on_step)
+        out = method.repaint(known, torch.zeros_like(known), mask, method.generator(2), on_step=on_step)
     assert len(seen) == (3 + 1) * 3
     assert torch.equal(out[mask == 0], known[mask == 0])  # the last step keeps the clean original
     assert torch.isfinite(out).all()
@@ -151,12 +151,12 @@ def test_thor_harmonisation_blends_towards_the_input(data) -> None:
     x = method.prepare(torch.as_tensor(data.split("test").images[:2]))
     assert method.map_steps() == [4, 3, 2, 1, 0]
     with torch.no_grad():
-        _, amap = method.harmonise(x, method.generator())
+        _, amap = method.harmonise(x, method.generator(2))
     assert amap.shape == (2, 1, 16, 16) and amap.min() >= 0 and amap.max() <= 1
     # the range fix: nothing in THOR's chain clamps the blend to [0, 1] in model space
     method.config.step_map_norm = "none"
     with torch.no_grad():
-        x_hat, _ = method.harmonise(x, method.generator())
+        x_hat, _ = method.harmonise(x, method.generator(2))
     assert float(x_hat.min()) < 0.0  # dark background survives (the authors' clamp would lift it to >= 0)
 
 
@@ -168,3 +168,27 @@ def test_inference_knobs_change_maps_not_training_key(data) -> None:
     method.with_inference_overrides(map_every=0, morph_kernel=1)
     assert method.training_key() == key
     assert not torch.equal(method.score(test.images, test.brain_masks), a)
+
+
+# ------------------------------------------------------------------ one checkpoint for DDPM, THOR and AutoDDPM
+def test_a_run_of_ddpm_thor_autoddpm_trains_one_network(tmp_path) -> None:
+    import json
+    from pathlib import Path
+
+    from benchmarks.run import main
+    from datasets.format import save_slices
+
+    prepared = save_slices(make_tiny_slices(n_train=6, n_val=2, n_test=3, size=32), tmp_path / "tiny-set")
+    out = tmp_path / "run"
+    argv = ["--protocol", "S1", "--methods", "ddpm,thor,autoddpm", "--profile", "tiny", "--data", str(prepared), "--out", str(out), "--seeds", "0", "--no-progress"]
+    assert main(argv) == 0
+    records = {r["method"]: r for r in (json.loads(p.read_text()) for p in (out / "records").rglob("*.json"))}
+    assert set(records) == {"ddpm", "thor", "autoddpm"} and {r["status"] for r in records.values()} == {"ok"}
+    assert len({r["checkpoint"] for r in records.values()}) == 1  # one shared checkpoint ...
+    assert len({r["training_key"] for r in records.values()}) == 1
+    assert sorted(r["timings"]["reused_checkpoint"] for r in records.values()) == [False, True, True]  # ... trained once
+    trained_by = {r["timings"]["checkpoint_trained_by"] for r in records.values()}
+    assert len(trained_by) == 1 and trained_by <= {"ddpm", "thor", "autoddpm"}
+    assert {r["training_family"] for r in records.values()} == {"pixel-ddpm"}
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["pixel-ddpm"]
+    assert len(list(Path(records["thor"]["checkpoint"]).parent.iterdir())) == 1

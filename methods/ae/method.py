@@ -1,14 +1,35 @@
 """Dense convolutional autoencoder baseline (Baur et al., "Autoencoders for unsupervised
 anomaly segmentation in brain MR images: a comparative study", MedIA 2021).
 
-Encoder: four 5x5 convolutions with stride 2 (32, 64, 128, 128 channels), a dense
-bottleneck of 128 units; the decoder mirrors it with transposed convolutions. Trained with
-an L1 reconstruction loss on healthy slices; the anomaly map is |x - x_hat| (mean over
-channels), zero outside the brain.
+The network as the authors built it (StefanDenn3r/Unsupervised_Anomaly_Detection_Brain_MRI
+at 3e413c0: ``models/autoencoder.py``, ``models/customlayers.py``, ``run.py``,
+``trainers/AE.py``):
+
+* encoder: four 5x5 convolutions with stride 2 (32, 64, 128, 128 channels), each followed
+  by batch norm and LeakyReLU (Keras' default slope 0.3), 128 x 128 -> 8 x 8;
+* bottleneck: a 1x1 convolution reducing the channels 8-fold (128 -> 16), flatten, a
+  dense layer to the 128-dim latent, dropout 0.2, a dense layer back, dropout 0.2,
+  reshape, a 1x1 convolution restoring the 128 channels;
+* decoder: batch norm and ReLU, four 5x5 transposed convolutions with stride 2 (128, 64,
+  32, 32 channels) with batch norm and LeakyReLU, and a final 1x1 convolution to the
+  input channels with no activation (the output follows intensities above 1, e.g. S2's
+  90th-percentile units: nothing assumes a [0, 1] range);
+* training: L1 reconstruction loss, Adam 1e-4, batch 128 (the paper's; ``run.py``'s
+  command-line default is 8), the weights of the best validation loss kept (their
+  trainer early-stops on the validation loss).
+
+Map = ``|x - x_hat|`` (channel mean), zero outside the brain.
+
+Departures: the L1 loss is averaged over pixels (theirs sums over pixels, averages over
+the batch: the same direction, which Adam's scale invariance makes nearly irrelevant);
+a fixed epoch budget (``epochs``) with the best-validation weights instead of their
+early stopping; dropout is active in training only (as theirs; their Monte-Carlo
+variant is not offered).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,61 +38,85 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.format import SliceSet
-from methods.base import MethodConfig, UADMethod
+from methods.base import ConfigError, MethodConfig, UADMethod
 from methods.progress import progress_bar
 from methods.registry import register_method
 
 
 @dataclass
 class AEConfig(MethodConfig):
-    channels: tuple[int, ...] = (32, 64, 128, 128)
+    channels: tuple[int, ...] = (32, 64, 128, 128)  # encoder: min(128, 32 * 2**i)
+    decoder_channels: tuple[int, ...] = (128, 64, 32, 32)  # decoder: max(32, 128 / 2**i)
     kernel_size: int = 5
     latent_dim: int = 128
+    bottleneck_reduction: int = 8  # 1x1 convolution to channels[-1] // 8 before the dense layer
+    dropout: float = 0.2
+    leaky_slope: float = 0.3  # Keras' LeakyReLU default
     lr: float = 1e-4
     weight_decay: float = 0.0
-    batch_size: int = 32
+    batch_size: int = 128
     epochs: int = 100
+    keep_best: bool = True  # keep the weights of the best validation L1 (checked every epoch)
     image_size: int | None = None  # internal resolution; None = the data's (maps are resampled back)
 
 
-def _conv_block(c_in: int, c_out: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride=2, padding=k // 2), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
+def _conv_block(c_in: int, c_out: int, k: int, slope: float) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, stride=2, padding=k // 2), nn.BatchNorm2d(c_out), nn.LeakyReLU(slope))
 
 
-def _deconv_block(c_in: int, c_out: int, k: int) -> nn.Sequential:
+def _deconv_block(c_in: int, c_out: int, k: int, slope: float) -> nn.Sequential:
     return nn.Sequential(
         nn.ConvTranspose2d(c_in, c_out, k, stride=2, padding=k // 2, output_padding=1),
         nn.BatchNorm2d(c_out),
-        nn.LeakyReLU(0.2),
+        nn.LeakyReLU(slope),
     )
 
 
 class DenseAutoEncoder(nn.Module):
-    """Conv encoder -> dense bottleneck -> transposed-conv decoder."""
+    """Conv encoder -> 1x1 reduction -> dense bottleneck (dropout) -> 1x1 expansion -> deconv decoder -> 1x1 head."""
 
-    def __init__(self, in_channels: int, image_size: tuple[int, int], channels: tuple[int, ...], kernel_size: int, latent_dim: int):
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: tuple[int, int],
+        channels: tuple[int, ...],
+        kernel_size: int,
+        latent_dim: int,
+        decoder_channels: tuple[int, ...] | None = None,
+        reduction: int = 8,
+        dropout: float = 0.2,
+        slope: float = 0.3,
+    ):
         super().__init__()
+        decoder_channels = tuple(decoder_channels or reversed(channels))
+        if len(decoder_channels) != len(channels):
+            raise ValueError(f"AE: decoder_channels {decoder_channels} must have as many levels as channels {channels}")
         factor = 2 ** len(channels)
         if image_size[0] % factor or image_size[1] % factor:
             raise ValueError(f"AE: image size {image_size} must be divisible by {factor} (2 ** number of conv levels)")
         self.grid = (image_size[0] // factor, image_size[1] // factor)
         widths = (in_channels, *channels)
-        self.encoder = nn.Sequential(*[_conv_block(a, b, kernel_size) for a, b in zip(widths[:-1], widths[1:])])
-        flat = channels[-1] * self.grid[0] * self.grid[1]
+        self.encoder = nn.Sequential(*[_conv_block(a, b, kernel_size, slope) for a, b in zip(widths[:-1], widths[1:])])
+        self.reduced = max(1, channels[-1] // reduction)
+        self.reduce = nn.Conv2d(channels[-1], self.reduced, 1)
+        flat = self.reduced * self.grid[0] * self.grid[1]
         self.to_latent = nn.Linear(flat, latent_dim)
         self.from_latent = nn.Linear(latent_dim, flat)
-        rev = tuple(reversed(channels))
-        self.decoder = nn.Sequential(*[_deconv_block(a, b, kernel_size) for a, b in zip(rev[:-1], rev[1:])])
-        # Last level restores full resolution and the input channels; no activation, so the
-        # output can follow intensities outside [0, 1] (e.g. BraTS's p90 scaling).
-        self.head = nn.ConvTranspose2d(rev[-1], in_channels, kernel_size, stride=2, padding=kernel_size // 2, output_padding=1)
-        self.channels = channels
+        self.dropout = nn.Dropout(dropout)
+        self.expand = nn.Conv2d(self.reduced, channels[-1], 1)
+        dec_widths = (channels[-1], *decoder_channels)
+        self.decoder = nn.Sequential(
+            nn.BatchNorm2d(channels[-1]),
+            nn.ReLU(),
+            *[_deconv_block(a, b, kernel_size, slope) for a, b in zip(dec_widths[:-1], dec_widths[1:])],
+        )
+        self.head = nn.Conv2d(decoder_channels[-1], in_channels, 1)  # no activation: any intensity range
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(x)
-        z = self.to_latent(h.flatten(1))
-        h = self.from_latent(z).view(x.shape[0], self.channels[-1], *self.grid)
-        return self.head(self.decoder(h))
+        h = self.reduce(self.encoder(x))
+        z = self.dropout(self.to_latent(h.flatten(1)))
+        h = self.dropout(self.from_latent(z)).view(x.shape[0], self.reduced, *self.grid)
+        return self.head(self.decoder(self.expand(h)))
 
 
 @register_method("ae")
@@ -83,9 +128,23 @@ class AutoEncoder(UADMethod):
     profiles = {
         "paper": {},
         # Same architecture at half the width and 64 px: trains in about a minute per model on 2 CPU cores.
-        "quick": {"epochs": 40, "batch_size": 16, "lr": 1e-3, "channels": (16, 32, 64, 64), "image_size": 64},
+        "quick": {
+            "epochs": 40,
+            "batch_size": 16,
+            "lr": 1e-3,
+            "channels": (16, 32, 64, 64),
+            "decoder_channels": (64, 32, 16, 16),
+            "image_size": 64,
+        },
         # For the conformance test: seconds on a CPU, same architecture family.
-        "tiny": {"epochs": 2, "batch_size": 4, "channels": (8, 16, 16, 16), "latent_dim": 16, "image_size": 32},
+        "tiny": {
+            "epochs": 2,
+            "batch_size": 4,
+            "channels": (8, 16, 16, 16),
+            "decoder_channels": (16, 16, 8, 8),
+            "latent_dim": 16,
+            "image_size": 32,
+        },
     }
 
     def _internal_size(self) -> tuple[int, int]:
@@ -98,12 +157,34 @@ class AutoEncoder(UADMethod):
         return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
 
     def _build(self) -> None:
-        c = self.input_shape_[0]  # type: ignore[index]
         cfg = self.config
-        self.model = DenseAutoEncoder(c, self._internal_size(), tuple(cfg.channels), cfg.kernel_size, cfg.latent_dim).to(self.device)
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        c = self.input_shape_[0]  # type: ignore[index]
+        self.model = DenseAutoEncoder(
+            c,
+            self._internal_size(),
+            tuple(cfg.channels),
+            cfg.kernel_size,
+            cfg.latent_dim,
+            decoder_channels=tuple(cfg.decoder_channels),
+            reduction=cfg.bottleneck_reduction,
+            dropout=cfg.dropout,
+            slope=cfg.leaky_slope,
+        ).to(self.device)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"autoencoder": self.model}
+
+    def _l1(self, data: SliceSet) -> float:
+        """Mean L1 reconstruction error over ``data`` (eval mode)."""
+        self.model.eval()
+        total = 0.0
+        with torch.no_grad():
+            for start in range(0, len(data), self.config.batch_size):
+                x = self._to_internal(torch.from_numpy(np.asarray(data.images[start : start + self.config.batch_size], dtype=np.float32)).to(self.device))
+                total += float((self.model(x) - x).abs().mean()) * x.shape[0]
+        return total / max(len(data), 1)
 
     def _fit(self, train: SliceSet, val: SliceSet | None) -> None:
         cfg = self.config
@@ -111,9 +192,10 @@ class AutoEncoder(UADMethod):
         optimiser = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(cfg.seed)
         batch = min(cfg.batch_size, len(train))
-        self.model.train()
+        best: tuple[float, int, dict] | None = None
         bar = progress_bar(range(cfg.epochs), desc="fit ae", unit="epoch")
-        for _ in bar:
+        for epoch in bar:
+            self.model.train()
             total = 0.0
             for index in self.iterate_minibatches(len(train), batch, generator, drop_last=True):
                 x = self._to_internal(torch.from_numpy(np.asarray(train.images[index], dtype=np.float32)).to(self.device))
@@ -123,6 +205,14 @@ class AutoEncoder(UADMethod):
                 optimiser.step()
                 total += float(loss.detach()) * len(index)
             bar.set_postfix(l1=f"{total / len(train):.4f}")
+            if cfg.keep_best and val is not None and len(val) > 0:
+                val_l1 = self._l1(val)
+                if best is None or val_l1 < best[0]:
+                    best = (val_l1, epoch, copy.deepcopy(self.model.state_dict()))
+        if best is not None:
+            self.model.load_state_dict(best[2])
+            self.notes["best_val_epoch"], self.notes["best_val_l1"] = best[1], best[0]
+        self.model.eval()
 
     def _reconstruct_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
         recon = self.model(self._to_internal(images))

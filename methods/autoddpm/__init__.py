@@ -33,8 +33,17 @@ Departures from the authors' code (ci-ber/autoDDPM ``model_zoo/ddpm.py``):
   substitute is used and ``notes["perceptual"]`` says which;
 * the 95th-percentile normalisation adds 1e-8 (a perfect reconstruction divides by 0 in
   theirs); no ``clamp(0, 1)`` of the inpainted image (data keep their real range);
-* batched torch throughout, scoring noise from a generator seeded by ``config.seed``.
-* ``quick``: small UNet, T = 100 with t_recon 20 and t_inpaint 5, internal 64 x 64.
+* batched torch throughout, scoring noise from per-slice generators seeded by
+  (``config.seed``, slice index).
+* training: the network is the one DDPM and THOR train (THOR's config: 1500 epochs of
+  464 slices = 43,500 steps, see ``methods.common.diffusion``), so the three share one
+  checkpoint; the authors' AutoDDPM config (ci-ber/GenAI_UAD
+  ``projects/24_normative_eval/configs/autoddpm.yaml``) trains 999 epochs at batch 16:
+  ``max_steps=28971`` (999 x 29 steps over the same 464 slices) trains AutoDDPM its own
+  network with that budget.
+* units: the model range is the training set's range (``data_range``), see ``methods.ddpm``.
+* ``quick``: small UNet, T = 100 respaced from 1000 with t_recon 19 and t_inpaint 4
+  (``scale_timestep`` of 200 and 50), internal 64 x 64, 60 epochs shared with DDPM.
 """
 
 from __future__ import annotations
@@ -46,7 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.base import ConfigError, inference_field
-from methods.common.diffusion import QUICK_BACKBONE, TINY_BACKBONE, PixelDiffusionConfig, PixelDiffusionMethod
+from methods.common.diffusion import QUICK_SHARED_DDPM, TINY_BACKBONE, PixelDiffusionConfig, PixelDiffusionMethod, gaussian_noise
 from methods.common.perceptual import PerceptualConfig, PerceptualMixin
 from methods.registry import register_method
 
@@ -98,9 +107,10 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
 
     Config = AutoDDPMConfig
     config: AutoDDPMConfig
+    training_family = "pixel-ddpm"
     profiles = {
         "paper": {},
-        "quick": {**QUICK_BACKBONE, "t_recon": 20, "t_inpaint": 5},
+        "quick": {**QUICK_SHARED_DDPM, "t_recon": 19, "t_inpaint": 4},
         "tiny": {**TINY_BACKBONE, "t_recon": 2, "t_inpaint": 1, "resample_steps": 2, "ssim_scales": 1},
     }
 
@@ -122,16 +132,15 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
         self.perceptual_distance()
 
     # ------------------------------------------------------------------ stages
-    def coarse(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def coarse(self, x: torch.Tensor, generator) -> torch.Tensor:
         t = int(self.config.t_recon)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return self.reverse_chain(self.noise_to(x, t, noise), t, 0, generator)
+        return self.reverse_chain(self.noise_to(x, t, gaussian_noise(x, generator)), t, 0, generator)
 
     def coarse_map(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         """``P(x, x_rec) * clip(r / q(r), 0, 1)``, B x 1 x h x w (inputs in model space)."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             x, x_rec = x.float(), x_rec.float()
-            r = (x - x_rec).abs().mean(dim=1, keepdim=True) * 0.5  # data units
+            r = self.data_residual(x, x_rec)
             q = per_image_quantile(r, float(self.config.residual_quantile))
             r = (r / (q + 1e-8)).clamp(0.0, 1.0)
             return self.perceptual_distance()(x, x_rec) * r
@@ -141,7 +150,7 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
         known: torch.Tensor,
         start: torch.Tensor,
         mask: torch.Tensor,
-        generator: torch.Generator,
+        generator,
         on_step: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """RePaint from ``start`` noised to ``t_inpaint``: ``mask`` = 1 is generated, 0 is kept from ``known``.
@@ -151,13 +160,12 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
         c = self.config
         t0, sched = int(c.t_inpaint), self.schedule
         mask = mask.to(known.dtype)
-        x_t = self.noise_to(start, t0, torch.randn(known.shape, generator=generator, device=known.device, dtype=known.dtype))
+        x_t = self.noise_to(start, t0, gaussian_noise(known, generator))
         for t in range(t0, -1, -1):
             for u in range(int(c.resample_steps)):
                 x_prev, _ = self.reverse_step(x_t, t, generator)
                 if t > 0:  # the known region at level t - 1, with fresh noise
-                    fresh = torch.randn(known.shape, generator=generator, device=known.device, dtype=known.dtype)
-                    known_prev = sched.q_sample(known, t - 1, fresh)
+                    known_prev = sched.q_sample(known, t - 1, gaussian_noise(known, generator))
                 else:
                     known_prev = known
                 x_prev = mask * x_prev + (1.0 - mask) * known_prev
@@ -165,13 +173,12 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
                     on_step(t, u, x_prev, known_prev)
                 if u < c.resample_steps - 1:  # jump back to level t: q(x_t | x_{t-1})
                     beta = sched.betas[t].to(known.device, known.dtype)
-                    jump = torch.randn(known.shape, generator=generator, device=known.device, dtype=known.dtype)
-                    x_t = (1.0 - beta).sqrt() * x_prev + beta.sqrt() * jump
+                    x_t = (1.0 - beta).sqrt() * x_prev + beta.sqrt() * gaussian_noise(known, generator)
                 else:
                     x_t = x_prev
         return x_t
 
-    def detect(self, x: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def detect(self, x: torch.Tensor, generator) -> dict[str, torch.Tensor]:
         """All stages on ``x`` (model space): coarse, map, mask, stitch, inpainted, anomaly map."""
         c = self.config
         x_rec = self.coarse(x, generator)
@@ -179,14 +186,15 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
         mask = binary_mask(cmap, c.mask_threshold, c.mask_dilation).to(x.dtype)
         stitch = mask * x_rec + (1.0 - mask) * x
         inpainted = self.repaint(x, stitch if c.inpaint_start == "stitch" else x_rec, mask, generator)
-        residual = (x.float() - inpainted.float()).abs().mean(dim=1, keepdim=True) * 0.5
+        residual = self.data_residual(x.float(), inpainted.float())
         return {"coarse": x_rec, "coarse_map": cmap, "mask": mask, "stitch": stitch, "inpainted": inpainted, "map": residual * cmap}
 
     # ------------------------------------------------------------------ scoring
-    def restore(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def restore(self, x: torch.Tensor, generator) -> torch.Tensor:
         return self.detect(x, generator)["inpainted"]
 
     def _score_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
         self.nfe = 0
-        out = self.detect(self.prepare(images), self.generator())
+        x = self.prepare(images)
+        out = self.detect(x, self.generator(x.shape[0]))
         return self.resize(out["map"][:, 0], tuple(images.shape[-2:]))

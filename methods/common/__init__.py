@@ -2,7 +2,9 @@
 
 * ``backbone``: ``build_unet`` (MONAI DiffusionModelUNet, THOR/ci-ber setting), ``BackboneConfig``.
 * ``schedules``: ``NoiseSchedule`` / ``make_schedule`` (linear, cosine) and the closed-form steps.
-* ``simplex``: batched multi-scale simplex noise in torch (AnoDDPM).
+* ``simplex``: batched multi-scale simplex noise in torch (AnoDDPM, pDDPM), at the authors' amplitude.
+* ``noise``: per-slice scoring generators (``SliceGenerators``) and Gaussian draws.
+* ``augment``: the ci-ber training augmentation (random affine + horizontal flip) in torch.
 * ``diffusion``: ``PixelDiffusionConfig`` / ``PixelDiffusionMethod`` (training loop, partial
   noising, reverse chain, one-pass denoising) for the pixel-space diffusion baselines.
 

@@ -5,6 +5,13 @@ attention at the two lower levels (and, always, the middle block), one residual 
 level, 256 channels per attention head. It is called as ``model(x, timesteps)`` with
 ``timesteps`` a ``LongTensor`` of shape ``(B,)``.
 
+The authors' copy of the MONAI-Generative UNet (ci-ber/THOR_DDPM
+``net_utils/nets/diffusion_unet.py``) applies no linear projection after self-attention;
+MONAI >= 1.4 adds one unless ``include_fc=False``. We build it without (``include_fc``
+False by default): the paper configuration then has 18,040,449 parameters, as theirs, and
+their checkpoints load with ``load_unet_checkpoint`` (MONAI's ``load_old_state_dict``
+renames the MONAI-Generative keys).
+
 MONAI >= 1.4 spells the width argument ``channels=`` (the old MONAI-Generative package
 used ``num_channels=``); every channel count must be divisible by ``norm_num_groups``
 and every attention level's width by ``num_head_channels``.
@@ -13,12 +20,14 @@ and every attention level's width by ``num_head_channels``.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 #: Names of the backbone fields a method config carries (same names as ``build_unet``).
-BACKBONE_FIELDS = ("channels", "attention_levels", "num_res_blocks", "num_head_channels", "norm_num_groups")
+BACKBONE_FIELDS = ("channels", "attention_levels", "num_res_blocks", "num_head_channels", "norm_num_groups", "include_fc")
 
 
 @dataclass
@@ -30,6 +39,7 @@ class BackboneConfig:
     num_res_blocks: int = 1
     num_head_channels: int = 256
     norm_num_groups: int = 32
+    include_fc: bool = False  # MONAI's projection after attention; the authors' UNet has none
 
 
 def backbone_kwargs(config: Any) -> dict[str, Any]:
@@ -57,6 +67,7 @@ def build_unet(
     num_res_blocks: int = 1,
     num_head_channels: int = 256,
     norm_num_groups: int = 32,
+    include_fc: bool = False,
     spatial_dims: int = 2,
 ) -> nn.Module:
     """MONAI ``DiffusionModelUNet``; the input side must be divisible by ``2 ** (len(channels) - 1)``."""
@@ -72,4 +83,32 @@ def build_unet(
         num_res_blocks=int(num_res_blocks),
         num_head_channels=int(num_head_channels),
         norm_num_groups=int(norm_num_groups),
+        include_fc=bool(include_fc),
     )
+
+
+def load_unet_checkpoint(model: nn.Module, path: str | Path) -> None:
+    """Load an authors' UNet checkpoint into ``model`` (a ``build_unet`` network), in place.
+
+    Accepts what the ci-ber repositories save (``{"model_weights": state_dict, ...}`` of
+    their ``DDPM`` wrapper, keys prefixed ``unet.``), a bare state dict of the UNet, and
+    either key layout: MONAI's or MONAI-Generative's (renamed by MONAI's
+    ``load_old_state_dict``). A checkpoint that does not fit raises a ``ValueError``
+    naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"unet_checkpoint {path}: no such file")
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob.get("model_weights", blob.get("state_dict", blob)) if isinstance(blob, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise ValueError(f"unet_checkpoint {path}: expected a state dict (or a dict with 'model_weights'), got {type(blob).__name__}")
+    if all(k.startswith("unet.") for k in state):
+        state = {k[len("unet.") :]: v for k, v in state.items()}
+    try:
+        if set(state) == set(model.state_dict()):
+            model.load_state_dict(state)
+        else:
+            model.load_old_state_dict(dict(state))  # type: ignore[operator]
+    except (KeyError, RuntimeError) as exc:
+        raise ValueError(f"unet_checkpoint {path}: does not fit the configured UNet ({type(exc).__name__}: {exc})") from exc

@@ -112,11 +112,37 @@ def _betas(kind: str, num_steps: int, beta_start: float, beta_end: float) -> np.
     raise ValueError(f"schedule kind must be 'linear' or 'cosine', got {kind!r}")
 
 
-def make_schedule(kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> NoiseSchedule:
-    """Linear betas ``beta_start..beta_end`` or the cosine schedule, ``num_steps`` long."""
+def respaced_betas(base_betas: np.ndarray, num_steps: int) -> np.ndarray:
+    """Betas of a ``num_steps`` schedule that keeps every k-th ``alphas_cumprod`` of ``base_betas``.
+
+    Improved-DDPM's respacing (Nichol & Dhariwal 2021, ``space_timesteps``): index ``i``
+    of the short schedule has the noise level of index ``round((i + 1) * T_base / T) - 1``
+    of the long one, the index ``scale_timestep`` maps to.
+    """
+    base_abar = np.cumprod(1.0 - np.asarray(base_betas, dtype=np.float64))
+    t_base = len(base_abar)
+    if not 1 <= num_steps <= t_base:
+        raise ValueError(f"cannot respace a {t_base}-step schedule to {num_steps} steps")
+    keep = [int(round((i + 1) * t_base / num_steps)) - 1 for i in range(num_steps)]
+    abar = base_abar[keep]
+    return 1.0 - abar / np.append(1.0, abar[:-1])
+
+
+def make_schedule(
+    kind: str = "linear", num_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02, respace_from: int | None = None
+) -> NoiseSchedule:
+    """Linear betas ``beta_start..beta_end`` or the cosine schedule, ``num_steps`` long.
+
+    With ``respace_from`` = T_base, the schedule is the ``num_steps``-step respacing of the
+    T_base-step one (see ``respaced_betas``): the quick profiles' T = 100 keeps the noise
+    levels of the published T = 1000.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    betas = _betas(kind, num_steps, beta_start, beta_end)
+    if respace_from is not None and respace_from != num_steps:
+        betas = respaced_betas(_betas(kind, int(respace_from), beta_start, beta_end), num_steps)
+    else:
+        betas = _betas(kind, num_steps, beta_start, beta_end)
     alphas = 1.0 - betas
     abar = np.cumprod(alphas)
     abar_prev = np.append(1.0, abar[:-1])
@@ -140,5 +166,11 @@ def make_schedule(kind: str = "linear", num_steps: int = 1000, beta_start: float
 
 
 def scale_timestep(t_paper: int, T_paper: int, T: int) -> int:
-    """A timestep of the T_paper-step schedule at the same fraction of a T-step one (quick profiles)."""
-    return int(round(t_paper * T / T_paper))
+    """The index of a T-step schedule that has received the same fraction of noising steps.
+
+    Index ``t`` has received ``t + 1`` steps (see the module docstring), so the fraction is
+    ``(t + 1) / T``: ``round((t_paper + 1) * T / T_paper) - 1`` (350 of 1000 -> 34 of 100).
+    """
+    if not 0 <= t_paper < T_paper:
+        raise ValueError(f"t_paper={t_paper} must be in 0..{T_paper - 1}")
+    return max(0, int(round((t_paper + 1) * T / T_paper)) - 1)

@@ -34,10 +34,14 @@ Departures from the authors' code (ci-ber/THOR_DDPM ``model_zoo/ddpm.py``):
   denoise with the t - 1 network input (off by one step).
 * everything is batched torch on the scoring device (no scipy round trips), the final
   ``clip(0, 0.999)`` is dropped (maps are already in [0, 1]), and scoring noise comes
-  from a generator seeded by ``config.seed``.
-* ``quick``: small UNet, T = 100 with every timestep scaled in proportion (t_start 35,
-  harmonisation 30/15/5, maps every 5), internal 64 x 64, morphology kernel 7 and
-  smoothing sigma 1 (scaled with the resolution), few epochs.
+  from per-slice generators seeded by (``config.seed``, slice index).
+* units: the model range is the training set's range (``data_range``), see
+  ``methods.ddpm``; the training (one network shared with DDPM and AutoDDPM) is THOR's
+  own config, see ``methods.common.diffusion``.
+* ``quick``: small UNet, T = 100 respaced from 1000 with every timestep scaled by
+  ``scale_timestep`` (t_start 34, harmonisation 29/14/4; maps every 5 steps, which only
+  approximates the scaled 50-step grid), internal 64 x 64, morphology kernel 7 and
+  smoothing sigma 1 (scaled with the resolution), 60 epochs shared with DDPM.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import ConfigError, inference_field
-from methods.common.diffusion import QUICK_BACKBONE, TINY_BACKBONE, PixelDiffusionConfig, PixelDiffusionMethod
+from methods.common.diffusion import QUICK_SHARED_DDPM, TINY_BACKBONE, PixelDiffusionConfig, PixelDiffusionMethod, gaussian_noise
 from methods.common.perceptual import PerceptualConfig, PerceptualMixin, gaussian_blur
 from methods.registry import register_method
 from methods.thor.maps import harmonic_mean, normalise_per_image, soft_mask
@@ -71,12 +75,13 @@ class THOR(PerceptualMixin, PixelDiffusionMethod):
 
     Config = THORConfig
     config: THORConfig
+    training_family = "pixel-ddpm"
     profiles = {
         "paper": {},
         "quick": {
-            **QUICK_BACKBONE,
-            "t_start": 35,
-            "t_harmonization": (30, 15, 5),
+            **QUICK_SHARED_DDPM,
+            "t_start": 34,
+            "t_harmonization": (29, 14, 4),
             "map_every": 5,
             "morph_kernel": 7,
             "perceptual_sigma": 1.0,
@@ -125,16 +130,16 @@ class THOR(PerceptualMixin, PixelDiffusionMethod):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x0_hat, x = x0_hat.float(), x.float()
             perceptual = gaussian_blur(self.perceptual_distance()(x0_hat, x), c.perceptual_sigma).clamp(0.0, 1.0)
-            residual = (x0_hat - x).abs().mean(dim=1, keepdim=True) * 0.5  # data units
+            residual = self.data_residual(x0_hat, x)
             return normalise_per_image(perceptual * residual, c.step_map_norm)
 
-    def harmonise(self, x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def harmonise(self, x: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Run THOR's chain on ``x`` (model space); returns ``(x_hat, map B x 1 x h x w)``."""
         c = self.config
         t_start = int(c.t_start)
         harmonise_at = {int(t) for t in c.t_harmonization}
         map_at = set(self.map_steps())
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = gaussian_noise(x, generator)
         maps: list[torch.Tensor] = []
 
         def callback(t: int, x_prev: torch.Tensor, x0_hat: torch.Tensor) -> torch.Tensor | None:
@@ -152,11 +157,11 @@ class THOR(PerceptualMixin, PixelDiffusionMethod):
         return x_hat, harmonic_mean(maps)
 
     # ------------------------------------------------------------------ scoring
-    def restore(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def restore(self, x: torch.Tensor, generator) -> torch.Tensor:
         return self.harmonise(x, generator)[0]
 
     def _score_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
         self.nfe = 0
         x = self.prepare(images)
-        _, amap = self.harmonise(x, self.generator())
+        _, amap = self.harmonise(x, self.generator(x.shape[0]))
         return self.resize(amap[:, 0], tuple(images.shape[-2:]))
