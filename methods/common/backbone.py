@@ -72,4 +72,5 @@ def build_unet(
         num_res_blocks=int(num_res_blocks),
         num_head_channels=int(num_head_channels),
         norm_num_groups=int(norm_num_groups),
+        include_fc=False,  # the authors' MONAI-Generative copy never applies the attention output projection
     )
