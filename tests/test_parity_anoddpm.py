@@ -10,7 +10,8 @@ setting (6 octaves, persistence 0.8, frequency 64):
   fields; a second set of 64 gave 0.478). Tolerance: 10 % relative.
 * **octave spectrum**: the share of the (mean-removed) power in the radial frequency bands
   [1, 2), [2, 4), ..., [32, 64), [64, inf) cycles per image, pooled over the fields.
-  Tolerance: 0.05 absolute per band (two sets of 64 authors' fields differ by up to 0.017).
+  Tolerance: 0.03 absolute per band (two sets of 64 authors' fields differ by up to 0.017;
+  ours at twice the period: 0.010).
 
 ``fixtures/parity/anoddpm_simplex.npz`` holds the authors' 64 per-field stds and means,
 the band shares and two example fields (float16).
@@ -36,7 +37,7 @@ from methods.common.simplex import simplex_noise
 FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 N_FIELDS, SIZE = 64, 128
 STD_RTOL = 0.10
-BAND_ATOL = 0.05
+BAND_ATOL = 0.03
 
 
 def load_fixture(name: str) -> dict[str, np.ndarray]:

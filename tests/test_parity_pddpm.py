@@ -19,6 +19,7 @@ design. The authors do not clip the one-pass x0 prediction, so ours runs with
 
 from __future__ import annotations
 
+from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,9 +51,11 @@ def _network() -> torch.nn.Module:
 
 
 def _restore(fx: dict[str, np.ndarray], size: int) -> np.ndarray:
+    # the authors take the one-pass x0 prediction unclipped
+    no_clip = {"clip_denoised": False} if "clip_denoised" in {f.name for f in fields(PDDPM.Config)} else {}
     method = PDDPM.from_profile(
         "paper", **SMALL, image_size=size, schedule="cosine", num_train_timesteps=1000, prediction_type="sample",
-        t_start=int(fx["t"]), patch_size=int(fx["patch_size"]), clip_denoised=False,
+        t_start=int(fx["t"]), patch_size=int(fx["patch_size"]), **no_clip,
     )  # fmt: skip
     method.model = _network()
     noise = torch.from_numpy(fx[f"noise_{size}"].astype(np.float32))
