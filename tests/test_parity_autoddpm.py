@@ -50,7 +50,7 @@ def _f32(a: np.ndarray) -> torch.Tensor:
 
 
 def _detect(fx: dict[str, np.ndarray], threshold: float) -> dict[str, torch.Tensor]:
-    method = AutoDDPM.from_profile("paper", mask_threshold=threshold, mask_dilation=3, residual_quantile=0.95, inpaint_start="stitch")
+    method = AutoDDPM.from_profile("paper", mask_threshold=threshold, mask_dilation=3, residual_quantile=0.95, inpaint_start="stitch", data_range=(0.0, 1.0))  # the authors map [0, 1] data by 2x - 1
     fixed = FixedMap(_f32(fx["perceptual"]))
     x_rec = _f32(fx["x_rec"]) * 2 - 1  # model space; coarse map and mask are invariant to the data scale
     method.perceptual_distance = lambda: fixed

@@ -52,7 +52,7 @@ def _f32(a: np.ndarray) -> torch.Tensor:
 
 
 def _thor(fx: dict[str, np.ndarray]) -> THOR:
-    return THOR.from_profile("paper", morph_kernel=int(fx["morph_kernel"]), perceptual_sigma=float(fx["sigma"]), step_map_norm="max")
+    return THOR.from_profile("paper", morph_kernel=int(fx["morph_kernel"]), perceptual_sigma=float(fx["sigma"]), step_map_norm="max", data_range=(0.0, 1.0))  # the authors map [0, 1] data by 2x - 1
 
 
 def _our_step_maps(fx: dict[str, np.ndarray]) -> list[torch.Tensor]:

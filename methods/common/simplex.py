@@ -17,15 +17,22 @@ repeated over the whole batch, the diffusion timestep as third coordinate):
 * we use Gustavson's classic 3D simplex noise (radius^2 0.6, 12 edge gradients) rather
   than the OpenSimplex variant the authors vendored; the two differ in raw scale.
 
-Amplitude. The authors feed the raw octave sum to the forward process, which is not
-unit-variance: at 128 x 128 with octaves 6, persistence 0.8, frequency 64 their field
-(Julian-Wyatt/AnoDDPM ``simplex.py``, ``rand_3d_fixed_T_octaves``, run on 32 random
-seeds) has a root mean square of 0.51 per image (per-image std 0.45-0.49, the rest a
-per-image offset). ``amplitude="authors"`` (the default of AnoDDPM and pDDPM) keeps our
-raw octave sum, offset included, scaled by ``AUTHORS_GAIN`` so its RMS matches theirs at
-that setting (ours is 0.686 raw; the ratio of the single-octave pointwise stds of the
-two noises, 0.73, agrees). ``amplitude="unit"`` normalises each noise image to zero
-mean and unit variance, the variance the Gaussian forward process assumes.
+Matching the authors' fields. The authors feed the raw octave sum of OpenSimplex noise to
+the forward process (Julian-Wyatt/AnoDDPM ``simplex.py``, ``rand_3d_fixed_T_octaves``:
+3D, one fixed z; FinnBehrendt/patched-Diffusion-Models-UAD ``src/utils/generate_noise.py``:
+2D). Two measured facts about their fields at 128 x 128, octaves 6, persistence 0.8,
+frequency 64 (``tests/fixtures/parity``, generated from their code):
+
+* spectrum: OpenSimplex at ``frequency`` f has the radial power spectrum of our
+  Gustavson field at period 2 f (band shares within 0.010 for the 3D field, 0.027 for the
+  2D one), so :func:`simplex_field` uses period ``AUTHORS_PERIOD_SCALE * frequency``;
+* amplitude: the fields are not unit-variance: mean per-image std 0.49 (AnoDDPM, 3D)
+  and 0.575 (pDDPM, 2D), against 0.650 for our raw field at period 128.
+
+``amplitude="authors"`` (the default of AnoDDPM and pDDPM) scales our raw octave sum,
+per-image offset included, to the named reference's std; ``amplitude="unit"`` normalises
+each noise image to zero mean and unit variance, the variance the Gaussian forward
+process assumes.
 """
 
 from __future__ import annotations
@@ -34,10 +41,13 @@ import torch
 
 from methods.common.noise import per_slice
 
-#: The authors' simplex field RMS (0.51 at 128 x 128, octaves 6 / persistence 0.8 /
-#: frequency 64) over ours (0.686, same setting): their amplitude from our raw octave sum.
-AUTHORS_RMS = 0.51
-AUTHORS_GAIN = AUTHORS_RMS / 0.686
+#: Our period per unit of the authors' OpenSimplex ``frequency`` (same spectrum; module docstring).
+AUTHORS_PERIOD_SCALE = 2.0
+#: Mean per-image std of the authors' raw fields at 128 x 128 / octaves 6 / persistence 0.8 /
+#: frequency 64 (two sets of 64 fields each, from their code: 0.496 and 0.478; 0.580 and 0.567).
+AUTHORS_STD = {"anoddpm": 0.49, "pddpm": 0.575}
+#: Mean per-image std of our raw field at the same setting and period 128 (256 fields).
+OURS_RAW_STD = 0.650
 AMPLITUDES = ("authors", "unit")
 
 _F3 = 1.0 / 3.0
@@ -163,17 +173,23 @@ def simplex_field(
     persistence: float = 0.8,
     frequency: float = 64.0,
     amplitude: str = "authors",
+    reference: str = "anoddpm",
 ) -> torch.Tensor:
-    """AnoDDPM's noise like ``like`` at the authors' (``"authors"``) or unit (``"unit"``) amplitude.
+    """The authors' noise like ``like``: their spectrum at ``frequency``, their (``"authors"``,
+    of ``reference``: ``anoddpm`` or ``pddpm``) or unit (``"unit"``) amplitude.
 
     ``generator`` may be one generator or per-slice ``SliceGenerators`` (one field per slice).
     """
     if amplitude not in AMPLITUDES:
         raise ValueError(f"simplex amplitude must be one of {AMPLITUDES}, got {amplitude!r}")
+    if reference not in AUTHORS_STD:
+        raise ValueError(f"simplex reference must be one of {sorted(AUTHORS_STD)}, got {reference!r}")
     unit = amplitude == "unit"
+    gain = AUTHORS_STD[reference] / OURS_RAW_STD
+    period = AUTHORS_PERIOD_SCALE * float(frequency)
 
     def draw(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
-        noise = simplex_noise_like(x, g, octaves=octaves, persistence=persistence, frequency=frequency, normalise=unit)
-        return noise if unit else noise * AUTHORS_GAIN
+        noise = simplex_noise_like(x, g, octaves=octaves, persistence=persistence, frequency=period, normalise=unit)
+        return noise if unit else noise * gain
 
     return per_slice(draw, like, generator)

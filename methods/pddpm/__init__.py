@@ -134,7 +134,7 @@ class PDDPM(PixelDiffusionMethod):
     def sample_noise(self, like: torch.Tensor, generator) -> torch.Tensor:
         c = self.config
         if c.noise == "simplex":
-            return simplex_field(like, generator, frequency=c.simplex_frequency, amplitude=c.simplex_amplitude)
+            return simplex_field(like, generator, frequency=c.simplex_frequency, amplitude=c.simplex_amplitude, reference="pddpm")
         return gaussian_noise(like, generator)
 
     def training_noise(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
