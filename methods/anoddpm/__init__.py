@@ -10,8 +10,9 @@ Settings and their sources (Julian-Wyatt/AnoDDPM at 3052f04: ``simplex.py``,
 ci-ber/GenAI_UAD ``projects/24_normative_eval/configs/anoddpm.yaml`` for the 128 x 128
 set-up on the shared backbone):
 
-* noise amplitude: the authors' raw octave sum (RMS about 0.51 at 128 x 128), not unit
-  variance (``simplex_amplitude="authors"``; ``"unit"`` normalises each field);
+* noise: the authors' raw OpenSimplex octave sum, matched in spectrum and amplitude (mean
+  per-image std 0.49 at 128 x 128), not unit variance (``simplex_amplitude="authors"``;
+  ``"unit"`` normalises each field; see ``methods.common.simplex``);
 * training timesteps uniform in 0..799 (``train_t_max`` = 800: ``train_start: true``,
   ``sample_distance: 800`` in args28), and scoring with the EMA of the weights, decay
   0.9999 (``ema_decay``; ``update_ema_params``, the evaluation uses ``ema``);
