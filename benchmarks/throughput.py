@@ -43,6 +43,8 @@ def untrained(name: str, profile: str, shape: tuple[int, int, int], **overrides:
     method._build()
     if name == "madad":
         method.latent_scale_ = 1.0  # MAD-AD's fit sets it from the training latents
+    if hasattr(method, "data_range_") and method.data_range_ is None:
+        method.data_range_ = (0.0, 1.0)  # the pixel methods' fit records the training range
     method.fitted_ = True
     return method
 
