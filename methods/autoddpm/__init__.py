@@ -21,7 +21,7 @@ Map = ``|x - x_inpainted| * c`` (channel mean, data units). Network evaluations 
 
 Departures from the authors' code (ci-ber/autoDDPM ``model_zoo/ddpm.py``):
 
-* the resampling chain starts from the *stitched* image as the paper and DESIGN.md
+* the resampling chain starts from the *stitched* image, as the paper
   describe; the authors' code noises the whole coarse reconstruction ``x_rec`` instead
   (``inpaint_start="coarse"`` reproduces that);
 * the resampling jump from level t - 1 back to t uses ``beta_t``; the authors use
