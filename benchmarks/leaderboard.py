@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path("results")
 USER_RUNS = RESULTS / "runs"
 USER_PAGE = RESULTS / "local"
@@ -31,7 +30,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shipped", action="store_true", help=f"rebuild the shipped page from the shipped records ({SHIPPED_RECORDS} -> {RESULTS})")
     parser.add_argument("--publish", action="store_true", help=f"replace the shipped records ({SHIPPED_RECORDS}) with those under --runs and rebuild the shipped page from them")
     parser.add_argument("--force", action="store_true", help="allow the build to change or delete files that git tracks")
-    parser.add_argument("--published", type=Path, default=None, help="published numbers CSV (default: results/published.csv here, else the one in the repository)")
+    parser.add_argument("--published", type=Path, default=None, help="published numbers CSV (default: results/published.csv here, else the one shipped with the package)")
     args = parser.parse_args(argv)
     if args.shipped and args.publish:
         parser.error("--shipped rebuilds from the shipped records; --publish replaces them: choose one")
@@ -42,11 +41,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+#: The papers' numbers, shipped with the package (results/published.csv links to it).
+PACKAGED_PUBLISHED = Path(__file__).resolve().parent / "report" / "published.csv"
+
+
 def default_published() -> Path:
-    """results/published.csv of the working folder, else the repository's copy (run from elsewhere)."""
+    """results/published.csv of the working folder (a user's edited copy), else the packaged one."""
     local = RESULTS / "published.csv"
-    repo = REPO / "results" / "published.csv"
-    return local if local.is_file() or not repo.is_file() else repo
+    return local if local.is_file() else PACKAGED_PUBLISHED
 
 
 def main(argv: list[str] | None = None) -> int:

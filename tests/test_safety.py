@@ -80,3 +80,19 @@ def test_plugins_are_labelled_as_plugins(monkeypatch: pytest.MonkeyPatch) -> Non
     assert sources["toy-exec"] == "plugin tests.toy_method"
     assert sources["ae"] == "built-in"
     assert "load only code you trust" in list_methods_text()
+
+
+def test_a_foreign_datasets_package_is_named_at_import(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    fake = tmp_path / "site" / "datasets"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("# another project's package of the same name\n")
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{repo}")
+    done = subprocess.run([sys.executable, "-c", "import benchmarks"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "not uad-bench's own" in done.stderr and "virtual environment of its own" in done.stderr
+    env["PYTHONPATH"] = str(repo)
+    assert subprocess.run([sys.executable, "-c", "import benchmarks"], cwd=tmp_path, env=env, timeout=120).returncode == 0
