@@ -96,3 +96,12 @@ def test_an_unusable_checkpoint_is_moved_aside_and_retrained(data: Path, tmp_pat
     assert list(checkpoint.parent.glob(f"{checkpoint.name}.unusable-*"))  # kept for a look
     assert "could not be loaded" in capsys.readouterr().err
     torch.load(checkpoint / "weights.pt", weights_only=True)  # a good checkpoint again
+
+
+def test_ray_chains_the_methods_of_one_training_family(data: Path) -> None:
+    """THOR and AutoDDPM wait for DDPM's group (their shared network), AnoDDPM does not."""
+    from benchmarks.executors.ray_executor import _dependencies
+    from benchmarks.jobs import group_jobs
+
+    groups = group_jobs([_job(data, method) for method in ("ddpm", "thor", "anoddpm", "autoddpm")])
+    assert _dependencies(groups) == [set(), {0}, set(), {1}]

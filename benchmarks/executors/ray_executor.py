@@ -164,10 +164,12 @@ def training_signature(job: Job) -> tuple | None:
 
     try:
         profile, overrides = job.variant.resolve(job.profile)
-        key = create_method(job.method, profile, seed=job.seed, **overrides).training_key()
+        method = create_method(job.method, profile, seed=job.seed, **overrides)
+        family, key = method.family(), method.training_key()
     except Exception:
         return None  # the task will fail and record why
-    return (job.method, job.data, job.modality, key)
+    # the training family, not the method: THOR's group waits for DDPM's, which trains their shared network
+    return (family, job.data, job.modality, key)
 
 
 def _dependencies(groups: list[list[Job]]) -> list[set[int]]:
