@@ -152,7 +152,7 @@ def _run_group(jobs: list[Job], ctx: RunContext) -> list[dict[str, Any]]:
         path = job.record_path(out)
         with job_lock(path) as owned:
             if not owned:  # another run on the same --out is computing this job right now
-                records.append(_elsewhere_record(job, "running in another process"))
+                records.append(elsewhere_record(job, "running in another process"))
                 continue
             if is_finished(path):  # another run finished it while this one waited
                 record = read_record(path)
@@ -193,7 +193,7 @@ def job_lock(record_path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _elsewhere_record(job: Job, why: str) -> dict[str, Any]:
+def elsewhere_record(job: Job, why: str) -> dict[str, Any]:
     """What this run reports for a job another run owns (never written to disk)."""
     return {**_base_record(job), "status": "skipped", "error": f"skipped: {why}", "status_note": why}
 

@@ -105,3 +105,16 @@ def test_ray_chains_the_methods_of_one_training_family(data: Path) -> None:
 
     groups = group_jobs([_job(data, method) for method in ("ddpm", "thor", "anoddpm", "autoddpm")])
     assert _dependencies(groups) == [set(), {0}, set(), {1}]
+
+
+def test_ray_never_records_a_job_another_run_owns_as_failed(data: Path, tmp_path: Path) -> None:
+    """A job locked by another process is 'skipped' for Ray: no retry, no failed record over the owner's work."""
+    from benchmarks.executors.ray_executor import records_after_failure
+
+    out = tmp_path / "run"
+    job = _job(data)
+    with job_lock(job.record_path(out)):
+        (record,) = records_after_failure([job], RuntimeError("task died"), out, since_ns=0, attempts=2)
+    assert record["status"] == "skipped" and not job.record_path(out).exists()
+    (record,) = records_after_failure([job], RuntimeError("task died"), out, since_ns=0, attempts=2)
+    assert record["status"] == "failed" and job.record_path(out).exists()  # unowned: recorded as before

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.execute import RunContext, _failed_record, run_group
+from benchmarks.execute import RunContext, _failed_record, elsewhere_record, job_lock, run_group
 from benchmarks.jobs import Job, group_jobs
 from benchmarks.plugins import ENV_VAR as PLUGINS_ENV_VAR
 from benchmarks.plugins import load_plugins
@@ -151,7 +151,7 @@ def group_task(jobs: list[Job], ctx: RunContext, cpus: float) -> list[dict[str, 
     """Body of a Ray task: run one group; raise if a job failed so that Ray retries."""
     load_plugins()
     records = run_group(jobs, worker_context(ctx, cpus))
-    failed = [r for r in records if r.get("status") != "ok"]
+    failed = [r for r in records if r.get("status") not in ("ok", "skipped")]  # skipped: another run owns the job
     if failed:
         raise JobsFailed([r["job_id"] for r in failed], [str(r.get("error")) for r in failed])
     return records
@@ -198,17 +198,21 @@ def records_after_failure(group: list[Job], exc: BaseException, out: Path, since
     records = []
     for job in group:
         path = job.record_path(out)
-        record = read_record(path)
-        fresh = record is not None and path.stat().st_mtime_ns >= since_ns
-        if record is not None and (record.get("status") == "ok" or (fresh and isinstance(cause, JobsFailed))):
-            records.append(record)  # run_group wrote it with the job's own error
-            continue
-        try:
-            raise RuntimeError(f"task failed after {attempts} attempt(s): {message}") from cause
-        except RuntimeError as wrapped:
-            record = _failed_record(job, wrapped)
-        record["traceback"] = str(exc)  # the remote traceback, when Ray has one
-        write_record(record, path)
+        with job_lock(path) as owned:
+            if not owned:  # another run on the same --out computes it now: never overwrite its work
+                records.append(elsewhere_record(job, "running in another process"))
+                continue
+            record = read_record(path)
+            fresh = record is not None and path.stat().st_mtime_ns >= since_ns
+            if record is not None and (record.get("status") == "ok" or (fresh and isinstance(cause, JobsFailed))):
+                records.append(record)  # run_group wrote it with the job's own error
+                continue
+            try:
+                raise RuntimeError(f"task failed after {attempts} attempt(s): {message}") from cause
+            except RuntimeError as wrapped:
+                record = _failed_record(job, wrapped)
+            record["traceback"] = str(exc)  # the remote traceback, when Ray has one
+            write_record(record, path)
         records.append(record)
     return records
 
