@@ -39,6 +39,7 @@ from torch import nn
 
 from datasets.format import SliceSet
 from methods.base import ConfigError, MethodConfig, UADMethod
+from methods.common.resolution import InternalResolution
 from methods.progress import progress_bar
 from methods.registry import register_method
 
@@ -120,7 +121,7 @@ class DenseAutoEncoder(nn.Module):
 
 
 @register_method("ae")
-class AutoEncoder(UADMethod):
+class AutoEncoder(InternalResolution, UADMethod):
     """Baur et al.'s dense autoencoder; map = |x - x_hat| inside the brain."""
 
     Config = AEConfig
@@ -146,15 +147,6 @@ class AutoEncoder(UADMethod):
             "image_size": 32,
         },
     }
-
-    def _internal_size(self) -> tuple[int, int]:
-        _, h, w = self.input_shape_  # type: ignore[misc]
-        size = self.config.image_size
-        return (h, w) if size is None else (size, size)
-
-    def _to_internal(self, x: torch.Tensor) -> torch.Tensor:
-        size = self._internal_size()
-        return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
 
     def _build(self) -> None:
         cfg = self.config

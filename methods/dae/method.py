@@ -21,6 +21,7 @@ from torch import nn
 
 from datasets.format import SliceSet
 from methods.base import ConfigError, MethodConfig, UADMethod, inference_field
+from methods.common.resolution import InternalResolution
 from methods.dae.network import DAEUNet
 from methods.dae.ops import add_coarse_noise, erode_foreground, masked_mse, median_filter, unit_ratio
 from methods.progress import progress_bar
@@ -60,7 +61,7 @@ class DAEConfig(MethodConfig):
 
 
 @register_method("dae")
-class DenoisingAutoencoder(UADMethod):
+class DenoisingAutoencoder(InternalResolution, UADMethod):
     """Kascenas et al.'s DAE; map = 5 x 5 median of |x - net(x)| in the eroded foreground."""
 
     Config = DAEConfig
@@ -94,15 +95,6 @@ class DenoisingAutoencoder(UADMethod):
     }
 
     # ------------------------------------------------------------------ helpers
-    def _internal_size(self) -> tuple[int, int]:
-        _, h, w = self.input_shape_  # type: ignore[misc]
-        size = self.config.image_size
-        return (h, w) if size is None else (size, size)
-
-    def _to_internal(self, x: torch.Tensor) -> torch.Tensor:
-        size = self._internal_size()
-        return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
-
     def _foreground(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
         """``B x 1 x H x W`` float 0/1 at the images' resolution."""
         if self.config.foreground == "brain_mask":
