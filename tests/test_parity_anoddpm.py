@@ -26,23 +26,18 @@ in the coarsest band (0.18 vs 0.38). Raw std of ours at ``frequency=128``: 0.65.
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from methods.anoddpm import AnoDDPM
 from methods.common.simplex import simplex_noise
+from tests.parity_helpers import load_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 N_FIELDS, SIZE = 64, 128
 STD_RTOL = 0.10
 BAND_ATOL = 0.03
 
-
-def load_fixture(name: str) -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / f"{name}.npz") as data:
-        return {k: data[k] for k in data.files}
 
 
 def band_fractions(fields: np.ndarray, edges: np.ndarray) -> np.ndarray:

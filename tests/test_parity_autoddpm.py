@@ -14,49 +14,29 @@ network is fed the same raw map (LPIPS itself: ``test_parity_lpips.py``).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from methods.autoddpm import AutoDDPM
-from methods.common.perceptual import PerceptualDistance
+from tests.parity_helpers import FixedMap, f32, load_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 #: coarse map: float32 both sides; ours adds 1e-8 to the 95th-percentile divisor
 ATOL = 1e-5
 
 
-def load_fixture(name: str) -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / f"{name}.npz") as data:
-        return {k: data[k] for k in data.files}
 
-
-class FixedMap(PerceptualDistance):
-    name = "fixed"
-
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.value = value
-
-    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        assert self.value.shape[0] == x.shape[0] and self.value.shape[-2:] == x.shape[-2:]
-        return self.value
-
-
-def _f32(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(a.astype(np.float32))
 
 
 def _detect(fx: dict[str, np.ndarray], threshold: float) -> dict[str, torch.Tensor]:
     method = AutoDDPM.from_profile("paper", mask_threshold=threshold, mask_dilation=3, residual_quantile=0.95, inpaint_start="stitch", data_range=(0.0, 1.0))  # the authors map [0, 1] data by 2x - 1
-    fixed = FixedMap(_f32(fx["perceptual"]))
-    x_rec = _f32(fx["x_rec"]) * 2 - 1  # model space; coarse map and mask are invariant to the data scale
+    fixed = FixedMap(f32(fx["perceptual"]))
+    x_rec = f32(fx["x_rec"]) * 2 - 1  # model space; coarse map and mask are invariant to the data scale
     method.perceptual_distance = lambda: fixed
     method.coarse = lambda x, generator: x_rec.clone()
     method.repaint = lambda known, start, mask, generator, on_step=None: start
-    return method.detect(_f32(fx["x"]) * 2 - 1, torch.Generator().manual_seed(0))
+    return method.detect(f32(fx["x"]) * 2 - 1, torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("tag", ["fixed", "q95"])

@@ -10,22 +10,17 @@ only holds with ``include_fc=False``.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from methods.common.backbone import build_unet
+from tests.parity_helpers import load_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 #: float32 on CPU, same weights: only summation order differs (SDPA vs baddbmm attention)
 ATOL = 1e-4
 
-
-def load_fixture(name: str) -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / f"{name}.npz") as data:
-        return {k: data[k] for k in data.files}
 
 
 def authors_state_dict(fx: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -19,22 +19,17 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from methods.common.perceptual import LPIPSDistance
+from tests.parity_helpers import load_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 RTOL = 1e-4
 NETS = ("squeeze", "alex", "vgg")
 
-
-def load_fixture(name: str) -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / f"{name}.npz") as data:
-        return {k: data[k] for k in data.files}
 
 
 def seeded_weights(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:

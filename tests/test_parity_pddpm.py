@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import fields
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,17 +28,13 @@ import torch
 
 from methods.common.backbone import build_unet
 from methods.pddpm import PDDPM, patch_grid
+from tests.parity_helpers import load_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 #: float32, same weights and noise; the network is the only non-trivial arithmetic
 ATOL = 2e-4
 #: attention at the lowest level only: keeps the 128 x 128 forward passes cheap on a CPU
 SMALL = {"channels": (16, 32, 32), "attention_levels": (False, False, True), "num_res_blocks": 1, "num_head_channels": 16, "norm_num_groups": 16}
 
-
-def load_fixture(name: str) -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / f"{name}.npz") as data:
-        return {k: data[k] for k in data.files}
 
 
 @lru_cache(maxsize=1)

@@ -13,42 +13,20 @@ normalisation, grey closing + dilation, averaging, and the harmonic mean.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from methods.common.perceptual import PerceptualDistance
 from methods.thor import THOR
 from methods.thor.maps import harmonic_mean, soft_mask
+from tests.parity_helpers import FixedMap, f32, load_fixture
 
-FIXTURES = Path(__file__).parent / "fixtures" / "parity"
 #: float32 arithmetic on both sides; scipy and torch sum the Gaussian taps in different
 #: orders, and the step map divides by a per-image maximum
 ATOL = 2e-5
 
 
-def load_fixture(name: str) -> dict[str, np.ndarray]:
-    with np.load(FIXTURES / f"{name}.npz") as data:
-        return {k: data[k] for k in data.files}
 
-
-class FixedMap(PerceptualDistance):
-    """Returns a stored raw perceptual map (the one the authors' pipeline used)."""
-
-    name = "fixed"
-
-    def __init__(self, value: torch.Tensor) -> None:
-        super().__init__()
-        self.value = value
-
-    def distance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        assert self.value.shape[0] == x.shape[0] and self.value.shape[-2:] == x.shape[-2:]
-        return self.value
-
-
-def _f32(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(a.astype(np.float32))
 
 
 def _thor(fx: dict[str, np.ndarray]) -> THOR:
@@ -57,12 +35,12 @@ def _thor(fx: dict[str, np.ndarray]) -> THOR:
 
 def _our_step_maps(fx: dict[str, np.ndarray]) -> list[torch.Tensor]:
     thor = _thor(fx)
-    x = _f32(fx["x"]) * 2 - 1  # model space; the maps are invariant to the data scale
+    x = f32(fx["x"]) * 2 - 1  # model space; the maps are invariant to the data scale
     maps = []
     for s in range(fx["x0_hat"].shape[0]):
-        fixed = FixedMap(_f32(fx["perceptual"][s]))
+        fixed = FixedMap(f32(fx["perceptual"][s]))
         thor.perceptual_distance = lambda fixed=fixed: fixed  # instance override: no LPIPS weights needed
-        maps.append(thor.step_map(_f32(fx["x0_hat"][s]) * 2 - 1, x))
+        maps.append(thor.step_map(f32(fx["x0_hat"][s]) * 2 - 1, x))
     return maps
 
 
@@ -81,7 +59,7 @@ def test_soft_masks_match_authors() -> None:
     fx = load_fixture("thor_maps")
     k = int(fx["morph_kernel"])
     for s in range(fx["step_maps"].shape[0]):
-        ours = soft_mask(_f32(fx["step_maps"][s]), k).numpy()
+        ours = soft_mask(f32(fx["step_maps"][s]), k).numpy()
         ref = fx["soft_masks"][s]
         assert float(ref.max()) > 0.5
         err = float(np.abs(ours - ref).max())
