@@ -102,13 +102,40 @@ def _training_splits(job: Job, splits: _Splits, modalities: list[str]) -> _Split
             f"has no {', '.join(missing)} (its channels: {', '.join(data.modalities)})"
         )
     val = paired_split(data, modalities, "val") if splits.val is not None else None
-    return _Splits(train=paired_split(data, modalities, "train"), val=val, test=splits.test)
+    paired = _Splits(train=paired_split(data, modalities, "train"), val=val, test=splits.test)
+    return dry_run_splits(paired) if job.dry_run else paired
 
 
 def _splits(job: Job, protocol: Any) -> _Splits:
     view = load_data(job.data).modality(job.modality)
     val = view.split("val")
-    return _Splits(train=view.split("train"), val=val if len(val) else None, test=protocol.select_test(view.split("test")))
+    splits = _Splits(train=view.split("train"), val=val if len(val) else None, test=protocol.select_test(view.split("test")))
+    return dry_run_splits(splits) if job.dry_run else splits
+
+
+#: Slices a dry run keeps: training (two batches of ``DRY_RUN_BATCH``), validation, test.
+DRY_RUN_TRAIN, DRY_RUN_VAL, DRY_RUN_TEST = 4, 2, 2
+
+
+def _spread(n: int, k: int) -> np.ndarray:
+    """At most ``k`` indices evenly spaced over ``0..n-1``, both ends included."""
+    return np.unique(np.linspace(0, n - 1, num=min(k, n)).round().astype(np.int64)) if n else np.zeros(0, dtype=np.int64)
+
+
+def dry_run_splits(splits: _Splits) -> _Splits:
+    """The few slices of a dry run: training and validation slices evenly spaced over their
+    splits (not all from one end of one volume), and the first test slices with lesion
+    pixels (so that every metric of the protocol is computed)."""
+    test = splits.test
+    lesion = np.flatnonzero(np.asarray(test.lesion_areas()) > 0)
+    others = np.setdiff1d(np.arange(len(test)), lesion)
+    keep = np.sort(np.concatenate([lesion, others])[:DRY_RUN_TEST])  # lesion slices first; others only if too few
+    val = splits.val
+    return _Splits(
+        train=splits.train.subset(_spread(len(splits.train), DRY_RUN_TRAIN)),
+        val=None if val is None else val.subset(_spread(len(val), DRY_RUN_VAL)),
+        test=test.subset(keep),
+    )
 
 
 def run_group(jobs: list[Job], ctx: RunContext) -> list[dict[str, Any]]:
@@ -200,13 +227,15 @@ def elsewhere_record(job: Job, why: str) -> dict[str, Any]:
 
 def _run_job(job: Job, ctx: RunContext, protocol: Any, splits: _Splits, trained: dict) -> dict[str, Any]:
     device = str(resolve_device(ctx.device))
-    profile, overrides = job.variant.resolve(job.profile)
+    profile, overrides = job.settings()  # with a dry run's overrides when it is one
     method = create_method(job.method, profile, seed=job.seed, device=device, **overrides)
     modalities = method.training_modalities(job.modality)
     fit_splits = _training_splits(job, splits, modalities)
     identity = {"training": method.training_key(), "data": fit_splits.train.fingerprint(), "modality": job.modality}
     if modalities != [job.modality]:
         identity["training_modalities"] = modalities  # absent otherwise: single-modality keys stay as they were
+    if job.dry_run:
+        identity["dry_run"] = True  # never the key of a real run, even where the overrides change nothing
     key = stable_hash(identity)
     # shared by the methods of one training family (DDPM, THOR and AutoDDPM train one network)
     checkpoint = inside(Path(ctx.checkpoints), Path(ctx.checkpoints) / safe_component(method.family()) / key)
@@ -380,7 +409,9 @@ def _data_info(job: Job, splits: _Splits) -> dict[str, Any]:
 
 
 def _base_record(job: Job) -> dict[str, Any]:
+    marks = {"dry_run": True} if job.dry_run else {}  # absent from real runs' records
     return {
+        **marks,
         "schema_version": SCHEMA_VERSION,
         "job_id": job.job_id,
         "method": job.method,

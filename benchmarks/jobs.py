@@ -60,6 +60,9 @@ class Job:
     seed: int
     profile: str
     variant: Variant = field(default_factory=Variant)
+    #: ``--dry-run``: the method's ``dry_run_overrides`` on top of the variant, a few slices
+    #: (``benchmarks.execute.dry_run_splits``), and a record marked ``"dry_run": true``
+    dry_run: bool = False
 
     @property
     def job_id(self) -> str:
@@ -73,7 +76,18 @@ class Job:
     @property
     def group_key(self) -> tuple:
         """Jobs with the same key differ only in their variant and run back to back."""
-        return (self.protocol, self.method, self.data, self.modality, self.seed, self.profile)
+        return (self.protocol, self.method, self.data, self.modality, self.seed, self.profile, self.dry_run)
+
+    def settings(self) -> tuple[str, dict[str, Any]]:
+        """(profile, field overrides) the job's method is built with: the variant's, then a dry run's."""
+        profile, overrides = self.variant.resolve(self.profile)
+        if not self.dry_run:
+            return profile, overrides
+        from methods.registry import get_method_class
+
+        cls = get_method_class(self.method)
+        config = cls.config_for(profile, seed=self.seed, **overrides)
+        return profile, {**overrides, **cls.dry_run_overrides(config)}
 
 
 def parse_variants(specs: Iterable[str], methods: Iterable[str]) -> dict[str, list[Variant]]:
@@ -123,11 +137,12 @@ def build_jobs(
     seeds: list[int],
     profile: str,
     variants: dict[str, list[Variant]],
+    dry_run: bool = False,
 ) -> list[Job]:
     jobs = []
     for method, modality, seed in itertools.product(methods, modalities, seeds):
         for variant in variants.get(method, [Variant()]):
-            jobs.append(Job(protocol, method, data, data_name, modality, seed, profile, variant))
+            jobs.append(Job(protocol, method, data, data_name, modality, seed, profile, variant, dry_run))
     return jobs
 
 

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     for problem in published.problems:
         print(f"warning: {problem}", file=sys.stderr)
+    if records.dry_run:
+        print(f"{len(records.dry_run)} dry-run record(s) ignored (made with benchmarks.run --dry-run; not results)")
     if not sections:
         where = ", ".join(str(d) for d in runs)
         print(f"No finished result records under {where}; wrote {out / 'leaderboard.md'} with the published numbers only.")

@@ -23,6 +23,9 @@ from methods.base import config_to_dict
 
 _IGNORED_FIELDS = {"device"}  # the same job on another device is the same job
 _SIDECARS = (".per_image.csv", ".examples.npz")
+#: Fields added after records were first written, with the value those records ran with:
+#: a stored record without the field compares as if it held this value.
+_ADDED_FIELDS: dict[str, Any] = {"max_reverse_steps": None}
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ def job_config(job: Job) -> dict[str, Any]:
     """The config ``job`` runs with, as the record stores it (JSON types)."""
     from methods.registry import get_method_class
 
-    profile, overrides = job.variant.resolve(job.profile)
+    profile, overrides = job.settings()
     config = get_method_class(job.method).config_for(profile, seed=job.seed, **overrides)
     return _comparable(config_to_dict(config))
 
@@ -51,7 +54,9 @@ def changed_records(jobs: list[Job], out: Path, data_fingerprint: Callable[[str]
         record = read_record(path)
         if record is None or record.get("status") != "ok":
             continue  # missing or failed: the job runs anyway
-        differences = _config_differences(_comparable(record.get("config") or {}), job_config(job))
+        stored = {**_ADDED_FIELDS, **_comparable(record.get("config") or {})}
+        current = job_config(job)
+        differences = _config_differences({k: v for k, v in stored.items() if k in current or k not in _ADDED_FIELDS}, current)
         stored_data = (record.get("data") or {}).get("fingerprint")
         if job.data not in fingerprints:
             fingerprints[job.data] = data_fingerprint(job.data)

@@ -4,6 +4,7 @@
     python -m benchmarks.run --protocol S1 --methods ae --seeds 0,1,2 --profile paper --device cuda
     python -m benchmarks.run --protocol S2 --methods madad --variants madad:ddim_steps=2,5,10
     python -m benchmarks.run --list-methods
+    python -m benchmarks.run --protocol S2 --methods all --profile paper --dry-run   # before a GPU launch
 
 A rerun with the same --out skips finished jobs, so a killed run resumes. A finished
 record whose config or data differ from what its job would use now (after --set, a
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser, default_out="results/runs/<protocol>-<profile>")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing job instead of recording it")
     parser.add_argument("--list-methods", action="store_true", help="list registered methods (built-in and plugins) and exit")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="run every code path of the profile at its real resolution and network size, cut short: 2 optimiser "
+        "steps of batch 2, 4 training, 2 validation and 2 lesion test slices, loops and reverse chains of 2 steps; "
+        "records are marked dry_run and the leaderboard ignores them (default --out results/runs/<protocol>-<profile>-dry-run)",
+    )
     return parser
 
 
@@ -307,10 +314,13 @@ def _run(args: argparse.Namespace) -> int:
             ]
     _validate_variants(variants, profile)
 
-    out = Path(args.out or f"results/runs/{protocol.name}-{profile}").resolve()
+    suffix = "-dry-run" if args.dry_run else ""
+    out = Path(args.out or f"results/runs/{protocol.name}-{profile}{suffix}").resolve()
     checkpoints = Path(args.checkpoints).resolve() if args.checkpoints else out / "checkpoints"
     name = data_name(data_spec)
-    jobs = build_jobs(protocol.name, methods, data_spec, name, modalities, seeds, profile, variants)
+    jobs = build_jobs(protocol.name, methods, data_spec, name, modalities, seeds, profile, variants, dry_run=args.dry_run)
+    if args.dry_run:
+        _validate_dry_run(jobs)
     check_finished_records(jobs, out, replace=args.replace_changed)
     threads = args.threads or default_threads(args.executor, args.cpus_per_job)
     ctx = RunContext(
@@ -323,7 +333,8 @@ def _run(args: argparse.Namespace) -> int:
         threads=threads,
     )
     print(
-        f"uad-bench: protocol {protocol.name}, data {name} ({', '.join(modalities)}), profile {profile}, "
+        f"uad-bench: {'DRY RUN (cut short; records marked dry_run, not results), ' if args.dry_run else ''}"
+        f"protocol {protocol.name}, data {name} ({', '.join(modalities)}), profile {profile}, "
         f"{len(methods)} method(s), {len(seeds)} seed(s) -> {len(jobs)} job(s), {threads} CPU thread(s) per job"
         f"{'' if args.threads else ' (from the free cores; set --threads to choose)'}; records in {out}",
         file=sys.stderr,
@@ -385,6 +396,16 @@ def validate_config(method: str, profile: str, overrides: dict[str, Any], what: 
         create_method(method, profile, **overrides)
     except (ConfigError, KeyError, TypeError, ValueError) as exc:
         raise UsageError(f"{what}: {exc}") from exc
+
+
+def _validate_dry_run(jobs: list) -> None:
+    """A method's dry-run overrides must make a valid config of every variant (checked before any work)."""
+    seen = set()
+    for job in jobs:
+        if (job.method, job.variant) in seen:
+            continue
+        seen.add((job.method, job.variant))
+        validate_config(job.method, *job.settings(), f"--dry-run of {job.method}:{job.variant.name}")
 
 
 def _validate_variants(variants: dict, profile: str) -> None:

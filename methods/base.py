@@ -40,6 +40,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 FORMAT_VERSION = 1
 
+#: A dry run (``benchmarks.run --dry-run``): optimiser steps, batch sizes and loop lengths
+#: its config overrides use. Network sizes and resolutions are never changed.
+DRY_RUN_STEPS = 2
+DRY_RUN_BATCH = 2
+
 
 class MethodError(RuntimeError):
     """A method produced something the interface forbids (wrong shape, NaN, ...)."""
@@ -207,6 +212,19 @@ class UADMethod(ABC):
     def training_key(self) -> str:
         """Hash of what determines the weights: the training family (network and training code) and training config."""
         return stable_hash({"method": self.family(), "config": self.training_config(), "format": FORMAT_VERSION})
+
+    @classmethod
+    def dry_run_overrides(cls, config: MethodConfig) -> dict[str, Any]:
+        """Config overrides that make ``config`` a dry run: every code path of it, cut short.
+
+        A dry run (``benchmarks.run --dry-run``) checks that a profile runs end to end at
+        its real resolution and network size before a long launch: a few optimiser steps
+        on tiny batches, validations that happen at once, and reverse chains or iterative
+        loops cut to ``DRY_RUN_STEPS`` steps. The overrides never touch network widths,
+        depth, image sizes or numbers of timesteps. The default only shrinks the scoring
+        batch; a method with training or loops overrides this (calling ``super()``).
+        """
+        return {"score_batch_size": DRY_RUN_BATCH}
 
     def with_inference_overrides(self, **overrides: Any) -> "UADMethod":
         """Change scoring-only knobs of a fitted method in place (ablation variants)."""

@@ -1,7 +1,9 @@
 """Load result records (benchmarks/records.py format) from run directories, recursively.
 
 Only JSON files carrying ``schema_version`` count as records; anything else (configs,
-fit.json of checkpoints, ...) is skipped silently. Records are never modified here.
+fit.json of checkpoints, ...) is skipped silently. Records of dry runs (``"dry_run":
+true``, ``benchmarks.run --dry-run``) are set aside, counted but never shown: their
+training and chains were cut short. Records are never modified here.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class RecordSet:
     unreadable: list[Path] = field(default_factory=list)
     duplicates: list[Path] = field(default_factory=list)
     invalid: list[tuple[Path, str]] = field(default_factory=list)  # (record, why it is not shown)
+    dry_run: list[Path] = field(default_factory=list)  # records of dry runs, never shown
 
 
 #: Metrics that are fractions: a value outside [0, 1] means the record is corrupt or edited.
@@ -56,6 +59,9 @@ def load_records(run_dirs: list[Path]) -> RecordSet:
                 continue  # records a rerun replaced (benchmarks/resume.py)
             record = _read(path, result)
             if record is None:
+                continue
+            if record.get("dry_run"):
+                result.dry_run.append(path)
                 continue
             problem = out_of_range(record)
             if problem is not None:

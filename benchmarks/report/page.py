@@ -300,6 +300,8 @@ def _problems(records: RecordSet, published: Published) -> list[str]:
         notes.append(f"record {tables.md_inline(_display_path(path))} not shown: {tables.md_inline(problem)}")
     if records.duplicates:
         notes.append(f"{len(records.duplicates)} older duplicate record(s) of the same job ignored (the newest wins)")
+    if records.dry_run:
+        notes.append(f"{len(records.dry_run)} dry-run record(s) ignored (`benchmarks.run --dry-run`: training and chains cut short, not results)")
     return (["## Notes", "", *[f"- {n}" for n in notes], ""]) if notes else []
 
 

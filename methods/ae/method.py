@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.format import SliceSet
-from methods.base import ConfigError, MethodConfig, UADMethod
+from methods.base import DRY_RUN_BATCH, ConfigError, MethodConfig, UADMethod
 from methods.common.resolution import InternalResolution
 from methods.progress import progress_bar
 from methods.registry import register_method
@@ -147,6 +148,11 @@ class AutoEncoder(InternalResolution, UADMethod):
             "image_size": 32,
         },
     }
+
+    @classmethod
+    def dry_run_overrides(cls, config: MethodConfig) -> dict[str, Any]:
+        """One epoch of batch 2 (a dry run's training set holds a few slices), validated as usual."""
+        return {**super().dry_run_overrides(config), "epochs": 1, "batch_size": DRY_RUN_BATCH}
 
     def _build(self) -> None:
         cfg = self.config

@@ -54,7 +54,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from methods.base import ConfigError, inference_field
+from methods.base import DRY_RUN_STEPS, ConfigError, inference_field
 from methods.common.diffusion import QUICK_SHARED_DDPM, TINY_BACKBONE, PixelDiffusionConfig, PixelDiffusionMethod, gaussian_noise
 from methods.common.perceptual import PerceptualConfig, PerceptualMixin
 from methods.registry import register_method
@@ -131,6 +131,11 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
         super()._build()
         self.perceptual_distance()
 
+    @classmethod
+    def dry_run_overrides(cls, config) -> dict:
+        """The pixel-DDPM dry run, and at most two RePaint resamplings per step (the jump back runs)."""
+        return {**super().dry_run_overrides(config), "resample_steps": min(int(config.resample_steps), DRY_RUN_STEPS)}
+
     # ------------------------------------------------------------------ stages
     def coarse(self, x: torch.Tensor, generator) -> torch.Tensor:
         t = int(self.config.t_recon)
@@ -161,7 +166,7 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
         t0, sched = int(c.t_inpaint), self.schedule
         mask = mask.to(known.dtype)
         x_t = self.noise_to(start, t0, gaussian_noise(known, generator))
-        for t in range(t0, -1, -1):
+        for t in self.chain_steps(t0, 0):  # t0, ..., 0 (a dry run: t0 and 0)
             for u in range(int(c.resample_steps)):
                 x_prev, _ = self.reverse_step(x_t, t, generator)
                 if t > 0:  # the known region at level t - 1, with fresh noise

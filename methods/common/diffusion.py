@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from methods.base import ConfigError, MethodConfig, UADMethod, inference_field
+from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
 from methods.common.augment import random_affine_flip
 from methods.common.backbone import backbone_kwargs, build_unet, load_unet_checkpoint
 from methods.common.noise import SliceGenerators, gaussian_noise, per_slice, slice_seed  # noqa: F401 (re-exported)
@@ -166,6 +166,8 @@ class PixelDiffusionConfig(MethodConfig):
     # scoring
     clip_denoised: bool = inference_field(True)  # clip x0 predictions to the model range of the training data
     progress: bool = inference_field(True)  # tqdm bars in fit
+    # dry runs only: run at most this many steps of every reverse chain (None = all; see chain_steps)
+    max_reverse_steps: int | None = inference_field(None)
 
 
 class PixelDiffusionMethod(UADMethod):
@@ -205,6 +207,24 @@ class PixelDiffusionMethod(UADMethod):
             raise ConfigError(f"ema_decay must be in [0, 1) or None, got {c.ema_decay}")
         if not 0 <= c.val_t < c.num_train_timesteps:
             raise ConfigError(f"val_t={c.val_t} must be in 0..{c.num_train_timesteps - 1}")
+        if c.max_reverse_steps is not None and c.max_reverse_steps < 1:
+            raise ConfigError(f"max_reverse_steps must be >= 1 or None, got {c.max_reverse_steps}")
+
+    @classmethod
+    def dry_run_overrides(cls, config: MethodConfig) -> dict:
+        """Two optimiser steps of batch 2, a validation after each, chains of two steps.
+
+        Validation (``val_every=1``) and best-weight selection run as in the full training;
+        the UNet, ``image_size`` and the schedule (T) stay those of ``config``.
+        """
+        return {
+            **super().dry_run_overrides(config),
+            "max_steps": DRY_RUN_STEPS,
+            "batch_size": DRY_RUN_BATCH,
+            "val_every": 1,
+            "val_slices": DRY_RUN_BATCH,
+            "max_reverse_steps": DRY_RUN_STEPS,
+        }
 
     def networks(self) -> dict[str, nn.Module]:
         return {"unet": self.model} if self.model is not None else {}
@@ -365,13 +385,33 @@ class PixelDiffusionMethod(UADMethod):
         if not 0 <= t_end <= t_start < self.T:
             raise ValueError(f"need 0 <= t_end <= t_start < T={self.T}, got t_start={t_start}, t_end={t_end}")
         x = x_t
-        for t in range(int(t_start), int(t_end) - 1, -1):
+        for t in self.chain_steps(t_start, t_end):
             x, x0 = self.reverse_step(x, t, generator, noise_fn)
             if callback is not None:
                 replaced = callback(t, x, x0)
                 if replaced is not None:
                     x = replaced
         return x
+
+    def chain_steps(self, t_start: int, t_end: int = 0) -> list[int]:
+        """The timesteps a reverse chain from ``t_start`` to ``t_end`` visits, descending.
+
+        All of them, unless ``max_reverse_steps`` (dry runs) cuts the chain: then the
+        steps ``dry_run_steps_first`` names, the last step ``t_end`` and the first one
+        ``t_start`` are kept, in that order of preference. The cut chain jumps between
+        noise levels, so its output is not a sample of the model: it only exercises the code.
+        """
+        steps = list(range(int(t_start), int(t_end) - 1, -1))
+        k = self.config.max_reverse_steps
+        if k is None or len(steps) <= k:
+            return steps
+        preferred = [int(t) for t in self.dry_run_steps_first() if t_end <= int(t) <= t_start]
+        wanted = list(dict.fromkeys([*preferred, int(t_end), int(t_start)]))  # in order of preference, once each
+        return sorted(wanted[: int(k)], reverse=True)
+
+    def dry_run_steps_first(self) -> list[int]:
+        """Timesteps a cut chain keeps first (THOR: its harmonisation steps, where its chain branches)."""
+        return []
 
     # ------------------------------------------------------------------ scoring
     def restore(self, x: torch.Tensor, generator) -> torch.Tensor:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.format import SliceSet
-from methods.base import ConfigError, MethodConfig, UADMethod, inference_field
+from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
 from methods.common.liang_train import endless_batches, train_steps
 from methods.common.liang_unet import LiangUNet, resolve_channel_mult, unet_kwargs
 from methods.registry import register_method
@@ -114,6 +114,11 @@ class CyclUNet(UADMethod):
         super().__init__(config, **overrides)
         self.forward_net: LiangUNet | None = None
         self.backward_net: LiangUNet | None = None
+
+    @classmethod
+    def dry_run_overrides(cls, config: MethodConfig) -> dict[str, Any]:
+        """Two optimiser steps of batch 2 per network."""
+        return {**super().dry_run_overrides(config), "steps": DRY_RUN_STEPS, "batch_size": DRY_RUN_BATCH}
 
     def training_modalities(self, modality: str) -> list[str]:
         """[A, B]: fit gets both, channel 0 = A (tested), channel 1 = B (intermediate)."""

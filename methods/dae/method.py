@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.format import SliceSet
-from methods.base import ConfigError, MethodConfig, UADMethod, inference_field
+from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
 from methods.common.resolution import InternalResolution
 from methods.dae.network import DAEUNet
 from methods.dae.ops import add_coarse_noise, erode_foreground, masked_mse, median_filter, unit_ratio
@@ -101,6 +101,17 @@ class DenoisingAutoencoder(InternalResolution, UADMethod):
             return (brain_masks > 0).float().unsqueeze(1)
         ratio = torch.as_tensor(self.unit_ratio_, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
         return ((images / ratio).sum(dim=1, keepdim=True) > self.config.foreground_threshold).float()
+
+    @classmethod
+    def dry_run_overrides(cls, config: MethodConfig) -> dict[str, Any]:
+        """Two iterations of batch 2, each one an "epoch" (scheduler step and a one-batch validation)."""
+        return {
+            **super().dry_run_overrides(config),
+            "iterations": DRY_RUN_STEPS,
+            "epoch_len": 1,
+            "val_batches": 1,
+            "batch_size": DRY_RUN_BATCH,
+        }
 
     def _check_config(self) -> None:
         cfg = self.config

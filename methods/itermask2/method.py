@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.format import SliceSet
-from methods.base import ConfigError, MethodConfig, UADMethod, inference_field
+from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
 from methods.common.liang_train import endless_batches, train_steps
 from methods.common.liang_unet import LiangUNet, resolve_channel_mult, unet_kwargs
 from methods.itermask2.frequency import high_pass_phase
@@ -114,6 +114,16 @@ class IterMask2(UADMethod):
         self.iterations_: np.ndarray = np.zeros(0, dtype=np.int64)  # net1 passes per image, last score() call
         self.capped_: np.ndarray = np.zeros(0, dtype=bool)  # which of them stopped at max_iterations
         self._iteration_log: list[np.ndarray] | None = None
+
+    @classmethod
+    def dry_run_overrides(cls, config: MethodConfig) -> dict[str, Any]:
+        """Two optimiser steps of batch 2 per network; at most two mask refinements per slice."""
+        return {
+            **super().dry_run_overrides(config),
+            "steps": DRY_RUN_STEPS,
+            "batch_size": DRY_RUN_BATCH,
+            "max_iterations": min(int(config.max_iterations), DRY_RUN_STEPS),
+        }
 
     # ------------------------------------------------------------------ construction
     @property

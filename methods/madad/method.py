@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from datasets.format import SliceSet
-from methods.base import ConfigError, UADMethod
+from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod
 from methods.madad import anomaly
 from methods.madad.augment import augment
 from methods.madad.config import (
@@ -86,6 +86,25 @@ class MADAD(UADMethod):
         self.latent_matrix_: Optional[torch.Tensor] = None  # A, C x C (diagonal for "channel")
         self.latent_inverse_: Optional[torch.Tensor] = None  # A^-1, computed once when A is set
         self._score_index = 0  # running slice index within one score() call (noise seeds)
+
+    @classmethod
+    def dry_run_overrides(cls, config: MethodConfig) -> dict[str, Any]:
+        """One VAE epoch (or fine-tuning epoch), two denoiser epochs of batch 2 with a validation
+        after the second (the authors' schedule skips epoch 0), and two DDIM steps."""
+        c = config
+        return {
+            **super().dry_run_overrides(config),
+            "vae_epochs": 1,
+            "vae_finetune_epochs": min(int(c.vae_finetune_epochs), 1),  # 0 (adapt only) stays 0
+            "vae_batch_size": DRY_RUN_BATCH,
+            "vae_adversarial_start_epoch": 0 if c.vae_adversarial_weight else c.vae_adversarial_start_epoch,
+            "epochs": 2,
+            "batch_size": DRY_RUN_BATCH,
+            "warmup_epochs": min(int(c.warmup_epochs), 1),
+            "val_every": 1,
+            "ddim_steps": min(int(c.ddim_steps), DRY_RUN_STEPS),
+            "log_every": 1,
+        }
 
     # ------------------------------------------------------------------ config checks
     def _check_config(self) -> None:

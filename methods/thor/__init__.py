@@ -115,6 +115,10 @@ class THOR(PerceptualMixin, PixelDiffusionMethod):
         super()._build()
         self.perceptual_distance()  # resolve now so fit/load records name the distance
 
+    def dry_run_steps_first(self) -> list[int]:
+        """A dry run's two-step chain keeps the first harmonisation step (the branch that blends)."""
+        return sorted((int(t) for t in self.config.t_harmonization), reverse=True)
+
     def map_steps(self) -> list[int]:
         """Steps whose map enters the harmonic mean (descending)."""
         c = self.config
