@@ -212,16 +212,16 @@ class PixelDiffusionMethod(UADMethod):
 
     @classmethod
     def dry_run_overrides(cls, config: MethodConfig) -> dict:
-        """Two optimiser steps of batch 2, a validation after each, chains of two steps.
+        """Two optimiser steps of batch 2, a validation (on 2 slices) after the last, chains of two steps.
 
-        Validation (``val_every=1``) and best-weight selection run as in the full training;
+        Validation and best-weight selection run as in the full training;
         the UNet, ``image_size`` and the schedule (T) stay those of ``config``.
         """
         return {
             **super().dry_run_overrides(config),
             "max_steps": DRY_RUN_STEPS,
             "batch_size": DRY_RUN_BATCH,
-            "val_every": 1,
+            "val_every": DRY_RUN_STEPS,
             "val_slices": DRY_RUN_BATCH,
             "max_reverse_steps": DRY_RUN_STEPS,
         }

@@ -104,11 +104,11 @@ class DenoisingAutoencoder(InternalResolution, UADMethod):
 
     @classmethod
     def dry_run_overrides(cls, config: MethodConfig) -> dict[str, Any]:
-        """Two iterations of batch 2, each one an "epoch" (scheduler step and a one-batch validation)."""
+        """Two iterations of batch 2 in one "epoch" (then a scheduler step and a one-batch validation)."""
         return {
             **super().dry_run_overrides(config),
             "iterations": DRY_RUN_STEPS,
-            "epoch_len": 1,
+            "epoch_len": DRY_RUN_STEPS,
             "val_batches": 1,
             "batch_size": DRY_RUN_BATCH,
         }
