@@ -396,17 +396,19 @@ class PixelDiffusionMethod(UADMethod):
     def chain_steps(self, t_start: int, t_end: int = 0) -> list[int]:
         """The timesteps a reverse chain from ``t_start`` to ``t_end`` visits, descending.
 
-        All of them, unless ``max_reverse_steps`` (dry runs) cuts the chain: then the
-        steps ``dry_run_steps_first`` names, the last step ``t_end`` and the first one
-        ``t_start`` are kept, in that order of preference. The cut chain jumps between
-        noise levels, so its output is not a sample of the model: it only exercises the code.
+        All of them, unless ``max_reverse_steps`` = k (dry runs) cuts the chain to k steps:
+        the last step ``t_end``, the steps ``dry_run_steps_first`` names, the first one
+        ``t_start``, then k evenly spaced ones, in that order of preference. The cut chain
+        jumps between noise levels, so its output is not a sample of the model: it only
+        exercises the code.
         """
         steps = list(range(int(t_start), int(t_end) - 1, -1))
         k = self.config.max_reverse_steps
         if k is None or len(steps) <= k:
             return steps
         preferred = [int(t) for t in self.dry_run_steps_first() if t_end <= int(t) <= t_start]
-        wanted = list(dict.fromkeys([*preferred, int(t_end), int(t_start)]))  # in order of preference, once each
+        spread = [steps[round(i * (len(steps) - 1) / max(int(k) - 1, 1))] for i in range(int(k))]
+        wanted = list(dict.fromkeys([int(t_end), *preferred, int(t_start), *spread]))  # in order of preference, once each
         return sorted(wanted[: int(k)], reverse=True)
 
     def dry_run_steps_first(self) -> list[int]:
