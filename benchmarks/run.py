@@ -358,7 +358,11 @@ def _run(args: argparse.Namespace) -> int:
     if elsewhere or by_other:
         print(f"{len(elsewhere)} job(s) left to another run on the same --out (running there now), "
               f"{by_other} finished by another run while this one waited; rerun to collect them", file=sys.stderr)
-    print(f"next: python -m benchmarks.leaderboard --runs {_shown(out)}   (tables and figures of this run)", file=sys.stderr)
+    if args.dry_run:
+        print(f"dry run: {'every job ran end to end' if not failed else 'fix the failed jobs before a real launch'}; "
+              "its records are marked dry_run and no leaderboard shows them (metrics of a cut-short run mean nothing)", file=sys.stderr)
+    else:
+        print(f"next: python -m benchmarks.leaderboard --runs {_shown(out)}   (tables and figures of this run)", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -26,6 +26,8 @@ antialiased) to ``image_size`` and maps are computed there and resampled back
 Timesteps follow ``schedules``: index ``t`` in ``0..T-1``, ``reverse_chain(x, t_start)``
 runs steps ``t_start, ..., 0`` (``t_start + 1`` network evaluations) and returns clean
 data. ``self.nfe`` counts network evaluations per scored slice for the benchmarks.
+``max_reverse_steps`` (dry runs only, ``benchmarks.run --dry-run``) cuts every chain to
+that many steps (``chain_steps``); its maps are meaningless, its code paths the real ones.
 
 Scoring noise. Every slice draws its noise from its own generator, seeded by
 ``(config.seed, index of the slice in the scored set)`` and living on the scoring device
