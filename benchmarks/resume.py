@@ -57,6 +57,8 @@ def changed_records(jobs: list[Job], out: Path, data_fingerprint: Callable[[str]
         stored = {**_ADDED_FIELDS, **_comparable(record.get("config") or {})}
         current = job_config(job)
         differences = _config_differences({k: v for k, v in stored.items() if k in current or k not in _ADDED_FIELDS}, current)
+        if bool(record.get("dry_run")) != job.dry_run:  # a dry run's record never stands for a real job, nor the reverse
+            differences.insert(0, f"dry run: {bool(record.get('dry_run'))} -> {job.dry_run}")
         stored_data = (record.get("data") or {}).get("fingerprint")
         if job.data not in fingerprints:
             fingerprints[job.data] = data_fingerprint(job.data)

@@ -143,7 +143,7 @@ def test_the_default_out_of_a_dry_run_is_its_own_folder(tmp_path, monkeypatch) -
     assert not (tmp_path / "results" / "runs" / "S2-paper").exists()
 
 
-def test_a_real_run_never_reuses_a_dry_runs_checkpoint(tmp_path) -> None:
+def test_a_real_run_never_reuses_a_dry_runs_checkpoint_or_record(tmp_path, capsys) -> None:
     """Data the dry run keeps whole (4 train, 2 val, 2 lesion test slices): only the dry-run mark separates the keys."""
     data = save_slices(make_tiny_slices(n_train=4, n_val=2, n_test=2, size=32), tmp_path / "tiny-set")
     common = ["--protocol", "S1", "--profile", "tiny", "--methods", "intensity", "--data", str(data), "--checkpoints", str(tmp_path / "ckpt"), "--no-progress", "--threads", "1"]
@@ -154,6 +154,11 @@ def test_a_real_run_never_reuses_a_dry_runs_checkpoint(tmp_path) -> None:
     assert dry["data"]["train_fingerprint"] == real["data"]["train_fingerprint"]
     assert real["timings"]["reused_checkpoint"] is False and real["training_key"] != dry["training_key"]
     assert "dry_run" not in real
+
+    # A real run in the dry run's folder does not take the dry record for its own.
+    with pytest.raises(SystemExit):
+        main([*common, "--out", str(tmp_path / "dry")])
+    assert "dry run: True -> False" in capsys.readouterr().err
 
 
 def test_the_leaderboard_sets_dry_run_records_aside(tmp_path) -> None:
