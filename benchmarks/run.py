@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.estimate import add_estimate_arguments
 from benchmarks.executors import EXECUTORS, get_executor
 from benchmarks.jobs import SUPERSEDED_DIR, build_jobs, parse_variants
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser, default_out="results/runs/<protocol>-<profile>")
     parser.add_argument("--fail-fast", action="store_true", help="stop at the first failing job instead of recording it")
     parser.add_argument("--list-methods", action="store_true", help="list registered methods (built-in and plugins) and exit")
+    add_estimate_arguments(parser)
     return parser
 
 
@@ -277,6 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from methods.base import ConfigError
 
     try:
+        if args.estimate:
+            from benchmarks.estimate import estimate_main
+
+            return estimate_main(args)
         return _run(args)
     except (UsageError, ConfigError) as exc:
         parser.error(str(exc))

@@ -89,6 +89,9 @@ class AnoDDPM(PixelDiffusionMethod):
     def chain_noise(self, like: torch.Tensor, generator) -> torch.Tensor:
         return self.simplex(like, generator)
 
+    def score_evaluations(self) -> int:
+        return int(self.config.t_start) + 1  # steps t_start .. 0
+
     def restore(self, x: torch.Tensor, generator) -> torch.Tensor:
         t = int(self.config.t_start)
         x_t = self.noise_to(x, t, self.simplex(x, generator))

@@ -131,6 +131,10 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
         super()._build()
         self.perceptual_distance()
 
+    def score_evaluations(self) -> int:
+        c = self.config  # coarse chain t_recon .. 0, then RePaint t_inpaint .. 0 with resample_steps passes per step
+        return int(c.t_recon) + 1 + (int(c.t_inpaint) + 1) * int(c.resample_steps)
+
     # ------------------------------------------------------------------ stages
     def coarse(self, x: torch.Tensor, generator) -> torch.Tensor:
         t = int(self.config.t_recon)
