@@ -222,7 +222,7 @@ class JobCost:
 
 
 def plan_jobs(jobs: list, sizes: dict[str, DataSizes], needs_val_maps: bool, n_examples: int) -> tuple[list[JobCost], list[str], str]:
-    """A ``JobCost`` per job with a cost plan; the methods without one; where FLOPs were measured."""
+    """A ``JobCost`` per job with a cost plan; the jobs left out and why; where FLOPs were measured."""
     from methods.registry import create_method
 
     costs, unknown, measured_on = [], [], set()
@@ -238,12 +238,19 @@ def plan_jobs(jobs: list, sizes: dict[str, DataSizes], needs_val_maps: bool, n_e
             built[build_key] = measured_method(job.method, profile, overrides, shape)
         method, flops, device = built[build_key]
         if flops is None:
-            if job.method not in unknown:
-                unknown.append(job.method)
+            note = f"{job.method}: declares no cost_plan"
+            if note not in unknown:
+                unknown.append(note)
+            continue
+        seeded = create_method(job.method, profile, **overrides, seed=job.seed)  # the training key holds the seed
+        missing = [m for m in seeded.training_modalities(job.modality) if m not in size.modalities]
+        if missing:  # e.g. Cycl.UNet on S1: no intermediate modality in the data
+            note = f"{job.method} ({job.modality}): needs {', '.join(missing)}, which the data lack"
+            if note not in unknown:
+                unknown.append(note)
             continue
         measured_on.add(device)
         plan = method.cost_plan(size.n_train, size.n_val)
-        seeded = create_method(job.method, profile, **overrides, seed=job.seed)  # the training key holds the seed
         key = (seeded.training_key(), job.modality, tuple(seeded.training_modalities(job.modality)))
         trains = key not in seen_keys
         seen_keys.setdefault(key, job.method)
@@ -423,8 +430,8 @@ def estimate_main(args: argparse.Namespace) -> int:
         for e in cost.plan.score:
             if e.bound is not None:
                 print(f"note: {cost.method}: {e.stage} evaluations per slice are {e.what}")
-    if unknown:
-        print(f"not estimated (no cost_plan): {', '.join(unknown)}")
+    for note in unknown:
+        print(f"not estimated: {note}")
     print(f"(estimated in {time.perf_counter() - start:.1f} s; nothing was trained)", file=sys.stderr)
     return 0
 

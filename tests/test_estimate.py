@@ -211,3 +211,12 @@ def test_estimate_rejects_bad_arguments(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--protocol", "S2", "--methods", "ae", "--estimate", "--mfu", "1.5"])
     assert "--mfu 1.5" in capsys.readouterr().err
+
+
+def test_jobs_whose_training_modalities_are_missing_are_left_out_and_named() -> None:
+    jobs = build_jobs("S1", ["cyclunet", "ae"], "x", "toy", ["T1"], [0], "tiny", {})
+    costs, left_out, _ = plan_jobs(jobs, _sizes(), needs_val_maps=True, n_examples=4)
+    assert [c.method for c in costs] == ["ae"]
+    assert left_out == ["cyclunet (T1): needs T2, which the data lack"]
+    ae = costs[0]
+    assert ae.scored_slices == 20 + 10 + 4  # test + validation (scored by the protocol) + examples
