@@ -253,7 +253,7 @@ def plan_jobs(jobs: list, sizes: dict[str, DataSizes], needs_val_maps: bool, n_e
         plan = method.cost_plan(size.n_train, size.n_val)
         key = (seeded.training_key(), job.modality, tuple(seeded.training_modalities(job.modality)))
         trains = key not in seen_keys
-        seen_keys.setdefault(key, job.method)
+        seen_keys.setdefault(key, _label(job.method, job.variant.name))
         examples = min(n_examples, size.n_test) if method.can_reconstruct else 0
         scored = size.n_test + (size.n_val if needs_val_maps else 0) + examples
         costs.append(JobCost(job.method, job.variant.name, job.modality, job.seed, plan, flops, scored, trains, seen_keys[key]))
@@ -261,6 +261,10 @@ def plan_jobs(jobs: list, sizes: dict[str, DataSizes], needs_val_maps: bool, n_e
 
 
 # ---------------------------------------------------------------------- table
+def _label(method: str, variant: str) -> str:
+    return method if variant == "default" else f"{method}:{variant}"
+
+
 def si(value: float, unit: str = "") -> str:
     """``value`` with an SI prefix: 3.1e15 -> '3.10 P'."""
     if value == 0:
@@ -313,6 +317,14 @@ def hours(flops: float, peak_tflops: float, mfu: float) -> float:
     return flops / (peak_tflops * 1e12 * mfu) / 3600.0
 
 
+def _hours_text(h: float) -> str:
+    return "0" if h == 0 else (f"{h:.3g}" if h >= 0.01 else "<0.01")
+
+
+def _total_text(h: float) -> str:
+    return f"{h:.3g} device-hours" if h >= 0.01 else f"{h * 3600:.3g} device-seconds"
+
+
 def cost_table(costs: list[JobCost], peak_tflops: float, mfu: float) -> str:
     """Two tables, one row per method and variant: what one job does, then what all its jobs cost; and the total."""
     import pandas as pd
@@ -330,7 +342,7 @@ def cost_table(costs: list[JobCost], peak_tflops: float, mfu: float) -> str:
         total = train + fit_fwd + score
         grand += total
         trainings = sum(c.trains for c in items)
-        shared = sorted({c.trained_by for c in items if not c.trains and c.trained_by != method})
+        shared = sorted({c.trained_by for c in items if not c.trains})
         name = {"method": method, "variant": variant}
         work.append(
             {
@@ -351,7 +363,7 @@ def cost_table(costs: list[JobCost], peak_tflops: float, mfu: float) -> str:
                 "fit forward": si(fit_fwd),
                 "score": si(score),
                 "total FLOPs": si(total),
-                "device-h": f"{hours(total, peak_tflops, mfu):.2f}",
+                "device-h": _hours_text(hours(total, peak_tflops, mfu)),
             }
         )
     frames = [pd.DataFrame(rows) for rows in (work, cost)]
@@ -362,7 +374,7 @@ def cost_table(costs: list[JobCost], peak_tflops: float, mfu: float) -> str:
         + frames[0].to_string(index=False)
         + "\n\nall planned jobs (training counted once per training key; 'n by X': n jobs score the network X trains):\n"
         + frames[1].to_string(index=False)
-        + f"\n\ntotal: {si(grand, 'FLOP')} = {hours(grand, peak_tflops, mfu):.1f} device-hours"
+        + f"\n\ntotal: {si(grand, 'FLOP')} = {_total_text(hours(grand, peak_tflops, mfu))}"
     )
 
 
@@ -438,7 +450,7 @@ def estimate_main(args: argparse.Namespace) -> int:
 
 def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
     """``--estimate``, ``--gpu`` and ``--mfu`` of ``benchmarks.run``."""
-    parser.add_argument("--estimate", action="store_true", help="print the FLOPs and device-hours of the planned jobs and exit without training (--data published: the real set's published sizes)")
+    parser.add_argument("--estimate", action="store_true", help="print the FLOPs and device-hours of the planned jobs and exit without training (--profile auto = paper; --data published: the real set's published sizes)")
     parser.add_argument("--gpu", default=DEFAULT_GPU, help=f"--estimate: GPU whose dense bf16 peak is used ({', '.join(GPU_PEAK_TFLOPS)}; default {DEFAULT_GPU})")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"--estimate: fraction of the peak the run achieves (default {DEFAULT_MFU})")
 
