@@ -98,13 +98,13 @@ def gpu_peak(device: torch.device) -> tuple[str, str | None, float | None]:
 def plan_flops(method: UADMethod, n_train: int = 1, n_val: int = 1) -> tuple[Any, dict[str, int]]:
     """The method's cost plan and the FLOPs of one evaluation per stage, counted on a meta-device twin
     (the same counts ``--estimate`` uses)."""
-    from benchmarks.estimate import built_method, count_flops
+    from benchmarks.estimate import built_method, stage_flop_counts
     from methods.base import config_to_dict
 
     config = {k: v for k, v in config_to_dict(method.config).items() if k != "device"}
     twin = built_method(method.name, "paper", config, tuple(method.input_shape_))  # type: ignore[arg-type]
     plan = twin.cost_plan(n_train, n_val)
-    return plan, {stage.name: count_flops(stage.probe) for stage in plan.stages}
+    return plan, stage_flop_counts(twin, plan)
 
 
 def efficiency(device: torch.device, flops_per_second: float) -> dict[str, Any]:

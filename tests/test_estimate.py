@@ -220,3 +220,14 @@ def test_jobs_whose_training_modalities_are_missing_are_left_out_and_named() -> 
     assert left_out == ["cyclunet (T1): needs T2, which the data lack"]
     ae = costs[0]
     assert ae.scored_slices == 20 + 10 + 4  # test + validation (scored by the protocol) + examples
+
+
+def test_cached_flop_counts_tell_input_sizes_apart() -> None:
+    from benchmarks.estimate import built_method, stage_flop_counts
+
+    small = built_method("ddpm", "tiny", {}, (1, 32, 32))  # internal 16 x 16
+    large = built_method("ddpm", "tiny", {"image_size": 32}, (1, 32, 32))
+    flops_small = stage_flop_counts(small, small.cost_plan(1, 1))["unet"]
+    flops_large = stage_flop_counts(large, large.cost_plan(1, 1))["unet"]
+    assert flops_large > 3 * flops_small  # 4x the pixels (attention grows faster)
+    assert flops_small == count_flops(small.cost_plan(1, 1).stages[0].probe)
