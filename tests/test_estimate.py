@@ -231,3 +231,20 @@ def test_cached_flop_counts_tell_input_sizes_apart() -> None:
     flops_large = stage_flop_counts(large, large.cost_plan(1, 1))["unet"]
     assert flops_large > 3 * flops_small  # 4x the pixels (attention grows faster)
     assert flops_small == count_flops(small.cost_plan(1, 1).stages[0].probe)
+
+
+def test_estimate_counts_the_slices_of_the_chosen_data() -> None:
+    from benchmarks.estimate import data_sizes
+    from benchmarks.execute import load_data
+    from benchmarks.run import main
+    from protocols import get_protocol
+
+    sizes = data_sizes(get_protocol("S2"), "embedded")
+    flair = load_data("embedded").modality("FLAIR")
+    assert sizes["FLAIR"].n_train == len(flair.split("train")) and sizes["FLAIR"].n_val == len(flair.split("val"))
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["--protocol", "S2", "--methods", "ae", "--modalities", "FLAIR", "--profile", "tiny", "--estimate"]) == 0
+    text = out.getvalue()
+    assert f"train {sizes['FLAIR'].n_train:,} / val {sizes['FLAIR'].n_val:,} / test {sizes['FLAIR'].n_test:,}" in text
+    assert "1 job(s)" in text and "(FLAIR)" in text
