@@ -186,20 +186,21 @@ def test_gpu_names_and_hours() -> None:
     assert hours(GPU_PEAK_TFLOPS["h100"] * 1e12 * 0.5 * 3600, GPU_PEAK_TFLOPS["h100"], 0.5) == pytest.approx(1.0)
 
 
+@pytest.mark.slow  # ~10 s of CPU: every paper network built on the meta device and its FLOPs counted
 def test_estimate_prints_the_s2_paper_table_quickly() -> None:
     from benchmarks.run import main
 
     out = io.StringIO()
-    start = time.perf_counter()
+    start = time.process_time()  # this process's CPU time: a busy machine does not fail the test
     with redirect_stdout(out):
         assert main(["--protocol", "S2", "--methods", "all", "--profile", "paper", "--data", "published", "--estimate", "--gpu", "h200"]) == 0
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     text = out.getvalue()
     for name in list_methods():
         assert f"\n{name:>9s} " in text or f"\n {name:>9s}" in text or f" {name} " in text, name
     assert "44 job(s)" in text and "device-hours" in text and "by autoddpm" in text  # DDPM/THOR reuse AutoDDPM's training
     assert "989.5 TFLOP/s" in text
-    assert seconds < 20, f"--estimate took {seconds:.1f} s"
+    assert seconds < 20, f"--estimate took {seconds:.1f} s of CPU"
 
 
 def test_estimate_rejects_bad_arguments(capsys) -> None:
