@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.estimate import add_estimate_arguments
 from benchmarks.executors import EXECUTORS, get_executor
 from benchmarks.jobs import SUPERSEDED_DIR, build_jobs, parse_variants
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         "steps of batch 2, 4 training, 2 validation and 2 lesion test slices, loops and reverse chains of 2 steps; "
         "records are marked dry_run and the leaderboard ignores them (default --out results/runs/<protocol>-<profile>-dry-run)",
     )
+    add_estimate_arguments(parser)
     return parser
 
 
@@ -284,6 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from methods.base import ConfigError
 
     try:
+        if args.estimate:
+            from benchmarks.estimate import estimate_main
+
+            return estimate_main(args)
         return _run(args)
     except (UsageError, ConfigError) as exc:
         parser.error(str(exc))

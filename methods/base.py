@@ -37,6 +37,7 @@ from methods.progress import progress_bar
 
 if TYPE_CHECKING:  # pragma: no cover
     from datasets.format import SliceSet
+    from methods.cost import CostPlan
 
 FORMAT_VERSION = 1
 
@@ -258,6 +259,14 @@ class UADMethod(ABC):
         then hands ``fit`` those channels and ``score`` only ``modality``.
         """
         return [modality]
+
+    def cost_plan(self, n_train: int, n_val: int) -> "CostPlan | None":
+        """The network evaluations of one job on ``n_train`` / ``n_val`` slices (``methods.cost``).
+
+        Called after ``input_shape_`` is set and ``_build`` has run (on the meta device by
+        ``benchmarks.estimate``). ``None``: not declared (the estimate lists the method as unknown).
+        """
+        return None
 
     def _build(self) -> None:
         """Create untrained networks for ``self.input_shape_`` (used by ``load``)."""

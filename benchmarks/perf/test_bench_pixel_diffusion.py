@@ -1,13 +1,15 @@
 """Scoring throughput of the pixel-space diffusion methods (DDPM, AnoDDPM, pDDPM, THOR, AutoDDPM).
 
-    pytest benchmarks/test_bench_pixel_diffusion.py --benchmark-enable -s
+    pytest benchmarks/perf/test_bench_pixel_diffusion.py --benchmark-enable -s
 
 - CPU: the ``quick`` profile on 16 slices of 128 x 128 (``UAD_BENCH_THREADS`` threads, default <= 2);
 - CUDA: the ``paper`` profile (T = 1000, the full THOR/ci-ber UNet, 128 x 128) under bf16
   autocast with the largest power-of-two batch whose forward pass fits (up to 512);
   skipped cleanly without CUDA.
 
-Each benchmark reports slices/s and network evaluations per slice (``nfe_per_slice``);
+Each benchmark reports slices/s (pytest-benchmark's median over several rounds after
+warm-up), network evaluations per slice (``nfe_per_slice``), GFLOP per slice, achieved
+TFLOP/s and, on CUDA, peak memory and MFU (the fraction of the GPU's dense bf16 peak);
 THOR and AutoDDPM also report which perceptual distance ran (the SSIM substitute unless
 ``UAD_BENCH_LPIPS_DIR`` points at LPIPS weights). With benchmarks disabled (the project
 default) the same code runs once on the ``tiny`` profile as a smoke test.
@@ -43,7 +45,7 @@ def test_bench_score_cpu(benchmark, name: str) -> None:
     profile, n, size = ("tiny", 4, 32) if benchmark.disabled else ("quick", 16, 128)
     method = untrained(name, profile, (1, size, size), device="cpu", score_batch_size=16, progress=False)
     images, masks = synthetic_slices(n, size)
-    info = _details(benchmark, method, measure_scoring(benchmark, method, images, masks, profile=profile))
+    info = _details(benchmark, method, measure_scoring(benchmark, method, images, masks, rounds=3, warmup_rounds=1, profile=profile))
     assert info["nfe_per_slice"] >= 1 and info["slices_per_s"] > 0
 
 
@@ -64,5 +66,5 @@ def test_bench_score_cuda_bf16(benchmark, name: str) -> None:
 
     method.config.score_batch_size = 8 if benchmark.disabled else largest_batch(forward)
     images, masks = synthetic_slices(method.config.score_batch_size, 128)
-    info = _details(benchmark, method, measure_scoring(benchmark, method, images, masks, profile=profile))
-    assert info["slices_per_s"] > 0
+    info = _details(benchmark, method, measure_scoring(benchmark, method, images, masks, rounds=3, warmup_rounds=1, profile=profile))
+    assert info["slices_per_s"] > 0 and info["max_memory_allocated_gib"] > 0

@@ -174,6 +174,17 @@ class AutoEncoder(InternalResolution, UADMethod):
     def networks(self) -> dict[str, nn.Module]:
         return {"autoencoder": self.model}
 
+    def cost_plan(self, n_train: int, n_val: int):
+        from methods.cost import CostPlan, Evaluations, Stage, epoch_phase
+
+        cfg, c, (h, w) = self.config, int(self.input_shape_[0]), self._internal_size()  # type: ignore[index]
+        stage = Stage("autoencoder", "autoencoder", lambda: self.model(torch.zeros(1, c, h, w, device=self.device)))
+        plan = CostPlan(stages=[stage], score=[Evaluations("autoencoder", 1)])
+        plan.train.append(epoch_phase("autoencoder", cfg.epochs, n_train, cfg.batch_size, drop_last=True, what="epochs"))
+        if cfg.keep_best and n_val > 0:
+            plan.fit_forward.append(Evaluations("autoencoder", cfg.epochs * n_val, f"validation: {cfg.epochs} epochs x {n_val} slices"))
+        return plan
+
     def _l1(self, data: SliceSet) -> float:
         """Mean L1 reconstruction error over ``data`` (eval mode)."""
         self.model.eval()

@@ -89,6 +89,9 @@ class AnoDDPM(PixelDiffusionMethod):
     def chain_noise(self, like: torch.Tensor, generator) -> torch.Tensor:
         return self.simplex(like, generator)
 
+    def score_evaluations(self) -> int:
+        return len(self.chain_steps(int(self.config.t_start)))  # steps t_start .. 0 (fewer in a dry run)
+
     def restore(self, x: torch.Tensor, generator) -> torch.Tensor:
         t = int(self.config.t_start)
         x_t = self.noise_to(x, t, self.simplex(x, generator))

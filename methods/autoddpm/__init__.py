@@ -136,6 +136,10 @@ class AutoDDPM(PerceptualMixin, PixelDiffusionMethod):
         """The pixel-DDPM dry run, and at most two RePaint resamplings per step (the jump back runs)."""
         return {**super().dry_run_overrides(config), "resample_steps": min(int(config.resample_steps), DRY_RUN_STEPS)}
 
+    def score_evaluations(self) -> int:
+        c = self.config  # coarse chain t_recon .. 0, then RePaint t_inpaint .. 0 with resample_steps passes per step
+        return len(self.chain_steps(int(c.t_recon))) + len(self.chain_steps(int(c.t_inpaint))) * int(c.resample_steps)
+
     # ------------------------------------------------------------------ stages
     def coarse(self, x: torch.Tensor, generator) -> torch.Tensor:
         t = int(self.config.t_recon)

@@ -433,6 +433,40 @@ class PixelDiffusionMethod(UADMethod):
         x_hat = self.restore(x, self.generator(x.shape[0]))
         return self.resize(self.to_data(x_hat), tuple(images.shape[-2:]))
 
+    # ------------------------------------------------------------------ cost (methods.cost)
+    def score_evaluations(self) -> int:
+        """UNet evaluations per scored slice (``restore``'s chain); each method states its own."""
+        raise NotImplementedError(f"{type(self).__name__} must state its UNet evaluations per slice")
+
+    def validation_evaluations(self) -> int:
+        """UNet evaluations per validation slice (``validation_restore``: the chain from ``val_t``)."""
+        return len(self.chain_steps(int(self.config.val_t)))
+
+    def cost_plan(self, n_train: int, n_val: int):
+        from methods.cost import CostPlan, Evaluations, Stage, endless_phase, epoch_phase
+
+        c = self.config
+        channels, (h, w), device = int(self.input_shape_[0]), self.internal_size, self.device
+
+        def probe() -> torch.Tensor:
+            return self.model(torch.zeros(1, channels, h, w, device=device), torch.zeros(1, dtype=torch.long, device=device))
+
+        plan = CostPlan(stages=[Stage("unet", "unet", probe)], score=[Evaluations("unet", self.score_evaluations())])
+        if c.unet_checkpoint:
+            plan.notes.append("unet_checkpoint: loaded, not trained")
+            return plan
+        if c.max_steps is not None:
+            phase = endless_phase("unet", int(c.max_steps), n_train, c.batch_size, "max_steps")
+        else:
+            phase = epoch_phase("unet", c.epochs, n_train, c.batch_size, what="epochs")
+        plan.train.append(phase)
+        if n_val > 0 and c.val_every is not None:
+            slices = n_val if c.val_slices is None else min(n_val, int(c.val_slices))
+            count = phase.steps // int(c.val_every)
+            what = f"{count} validations x {slices} slices x {self.validation_evaluations()}"
+            plan.fit_forward.append(Evaluations("unet", count * slices * self.validation_evaluations(), what))
+        return plan
+
     # ------------------------------------------------------------------ training
     def training_noise(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The noise of the forward process used in training (Gaussian; AnoDDPM: simplex)."""

@@ -148,6 +148,19 @@ class CyclUNet(UADMethod):
             return {}
         return {"forward": self.forward_net, "backward": self.backward_net}
 
+    def cost_plan(self, n_train: int, n_val: int):
+        from methods.cost import CostPlan, Evaluations, Stage, endless_phase
+
+        c, (h, w) = self.config, self.internal_size
+
+        def probe(net: nn.Module):
+            return lambda: net(torch.zeros(1, 1, h, w, device=self.device))
+
+        plan = CostPlan(stages=[Stage("forward", "forward", probe(self.forward_net)), Stage("backward", "backward", probe(self.backward_net))])
+        plan.score += [Evaluations("forward", 1), Evaluations("backward", 1)]  # G(F(x_A))
+        plan.train += [endless_phase(name, int(c.steps), n_train, int(c.batch_size), "steps") for name in ("forward", "backward")]
+        return plan
+
     def _to_units(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         if tuple(x.shape[-2:]) != self.internal_size:

@@ -170,6 +170,21 @@ class DenoisingAutoencoder(InternalResolution, UADMethod):
         self.model.train()
         return total / count
 
+    def cost_plan(self, n_train: int, n_val: int):
+        from methods.cost import CostPlan, Evaluations, Stage, TrainPhase
+
+        cfg, c, (h, w) = self.config, int(self.input_shape_[0]), self._internal_size()  # type: ignore[index]
+        plan = CostPlan(stages=[Stage("unet", "unet", lambda: self.model(torch.zeros(1, c, h, w, device=self.device)))])
+        plan.score.append(Evaluations("unet", 1))
+        batch = min(int(cfg.batch_size), n_train)  # drop_last batches, epoch after epoch
+        plan.train.append(TrainPhase("unet", int(cfg.iterations), batch, int(cfg.iterations) * batch, "iterations"))
+        if n_val > 0:
+            vb = min(int(cfg.batch_size), n_val)
+            per_validation = min(int(cfg.val_batches), (n_val - n_val % vb) // vb) * vb
+            count = int(cfg.iterations) // int(cfg.epoch_len)
+            plan.fit_forward.append(Evaluations("unet", count * per_validation, f"{count} validations x {per_validation} slices"))
+        return plan
+
     # ------------------------------------------------------------------ fit / score
     def _fit(self, train: SliceSet, val: SliceSet | None) -> None:
         cfg = self.config

@@ -49,6 +49,9 @@ class DDPM(PixelDiffusionMethod):
     training_family = "pixel-ddpm"
     profiles = {"paper": {}, "quick": {**QUICK_SHARED_DDPM, "t_start": 34}, "tiny": {**TINY_BACKBONE, "t_start": 4}}
 
+    def score_evaluations(self) -> int:
+        return len(self.chain_steps(int(self.config.t_start)))  # steps t_start .. 0 (fewer in a dry run)
+
     def restore(self, x: torch.Tensor, generator) -> torch.Tensor:
         t = int(self.config.t_start)
         return self.reverse_chain(self.noise_to(x, t, gaussian_noise(x, generator)), t, 0, generator)

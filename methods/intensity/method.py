@@ -67,6 +67,11 @@ class IntensityFloor(UADMethod):
     def networks(self) -> dict[str, nn.Module]:
         return {}
 
+    def cost_plan(self, n_train: int, n_val: int):
+        from methods.cost import CostPlan
+
+        return CostPlan(notes=["no network: the map is the intensity"])
+
     def _fit(self, train: SliceSet, val: SliceSet | None) -> None:
         self.modalities_ = list(train.modalities)
         images = np.asarray(train.images, dtype=np.float32)

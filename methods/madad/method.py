@@ -199,6 +199,37 @@ class MADAD(UADMethod):
         self.denoiser = self._make_denoiser(int(arch["latent_channels"])).to(self.device)
         self.abar = alphas_cumprod(self.config.schedule, self.config.timesteps)
 
+    def cost_plan(self, n_train: int, n_val: int):
+        from methods.cost import CostPlan, Evaluations, Stage, epoch_phase
+
+        c, device = self.config, self.device
+        channels, latent = int(self.input_shape_[0]), int(self.vae.config.latent_channels)
+        s, (h, w) = c.image_size, self._latent_hw
+        plan = CostPlan(
+            stages=[
+                Stage("encoder", "vae.encoder", lambda: self.vae.encode(torch.zeros(1, channels, s, s, device=device))),
+                Stage("decoder", "vae.decoder", lambda: self.vae.decode(torch.zeros(1, latent, h, w, device=device))),
+                Stage("denoiser", "denoiser", lambda: self.denoiser(torch.zeros(1, latent, h, w, device=device), torch.zeros(1, dtype=torch.long, device=device))),
+            ]
+        )
+        decodes = 1 + int(c.anomaly_source == "image_diff" and c.map_reference == "vae_reconstruction")  # + D(E(x))
+        plan.score += [Evaluations("encoder", 1), Evaluations("denoiser", int(c.ddim_steps)), Evaluations("decoder", decodes)]
+        vae_epochs = int(c.vae_finetune_epochs if c.vae_path else c.vae_epochs)
+        plan.train += [epoch_phase(stage, vae_epochs, n_train, c.vae_batch_size, what="VAE epochs") for stage in ("encoder", "decoder")]
+        if c.vae_adversarial_weight > 0:
+            plan.notes.append("the VAE's patch discriminator is not counted")
+        plan.train.append(epoch_phase("denoiser", int(c.epochs), n_train, c.batch_size, what="denoiser epochs"))
+        plan.fit_forward.append(Evaluations("encoder", n_train, "latents of the training set"))
+        if c.aug_p > 0:  # augmented batches are re-encoded at every step
+            plan.fit_forward.append(Evaluations("encoder", int(c.epochs) * n_train, "re-encoding augmented batches"))
+        if c.checkpoint == "best_val_mse" and n_val > 0:
+            validations = sum(1 for epoch in range(int(c.epochs)) if epoch % c.val_every == 0 and epoch != 0)
+            plan.fit_forward += [
+                Evaluations("encoder", n_val, "latents of the validation set"),
+                Evaluations("denoiser", validations * n_val, f"{validations} validations x {n_val} slices"),
+            ]
+        return plan
+
     def networks(self) -> dict[str, nn.Module]:
         if self.vae is None or self.denoiser is None:
             return {}

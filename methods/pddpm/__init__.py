@@ -131,6 +131,12 @@ class PDDPM(PixelDiffusionMethod):
         h, w = self.internal_size
         return patch_grid(h, w, int(self.config.patch_size))
 
+    def score_evaluations(self) -> int:
+        return len(self.grid()[0])  # one x0 prediction per grid patch
+
+    def validation_evaluations(self) -> int:
+        return len(self.grid()[0])
+
     def sample_noise(self, like: torch.Tensor, generator) -> torch.Tensor:
         c = self.config
         if c.noise == "simplex":

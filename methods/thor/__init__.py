@@ -127,6 +127,9 @@ class THOR(PerceptualMixin, PixelDiffusionMethod):
             steps |= set(range(0, int(c.t_start) + 1, int(c.map_every)))
         return sorted((t for t in steps if t <= c.t_start), reverse=True)
 
+    def score_evaluations(self) -> int:
+        return len(self.chain_steps(int(self.config.t_start)))  # one chain t_start .. 0; harmonisation re-noises, no extra pass
+
     # ------------------------------------------------------------------ maps
     def step_map(self, x0_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """B x 1 x h x w map of one step (inputs in model space)."""
