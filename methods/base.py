@@ -13,7 +13,10 @@ scikit-learn's estimators:
 Subclasses implement three hooks: ``_fit``, ``_score_batch`` and ``networks`` (the
 ``nn.Module``s whose weights ``save`` stores). Configuration fields marked
 ``inference_field(...)`` only change scoring, so the runner can evaluate ablation
-variants on one trained model (see ``training_key``).
+variants on one trained model (see ``training_key``). Fields marked
+``execution_field(...)`` only change how the work runs on a GPU (bf16 autocast,
+``torch.compile``, memory layout, how often losses are read back); on the CPU they change
+nothing, so they are left out of ``training_key`` too.
 """
 
 from __future__ import annotations
@@ -57,6 +60,16 @@ def inference_field(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     return field(default=default, metadata=metadata, **kwargs)
 
 
+def execution_field(default: Any, **kwargs: Any) -> Any:
+    """A config field that only changes how the work runs on a GPU, never the CPU result.
+
+    Excluded from ``training_key`` (like ``device``) and from the runner's check of finished
+    records; changeable on a fitted method like an inference field.
+    """
+    metadata = dict(kwargs.pop("metadata", {}) or {}, execution=True)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
 @dataclass
 class MethodConfig:
     """Fields shared by every method. Subclasses add their own, published values as defaults."""
@@ -64,8 +77,13 @@ class MethodConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     score_batch_size: int = inference_field(32)
-    amp: bool = inference_field(False)  # bf16 autocast on CUDA for scoring
     apply_brain_mask: bool = inference_field(True)  # zero the map outside the brain
+    # GPU execution (methods/common/accel.py); each is a no-op on the CPU.
+    amp: bool = execution_field(True)  # bf16 autocast of the networks when scoring on CUDA
+    train_amp: bool = execution_field(True)  # bf16 autocast of the network forwards in training on CUDA (losses fp32)
+    compile: bool = execution_field(False)  # torch.compile the networks' forward passes (CUDA only)
+    channels_last: bool = execution_field(True)  # channels_last memory layout of conv networks (CUDA only)
+    log_every: int = execution_field(50)  # training steps between loss read-outs (each one is a host sync)
 
 
 def config_to_dict(config: MethodConfig) -> dict[str, Any]:
@@ -74,6 +92,15 @@ def config_to_dict(config: MethodConfig) -> dict[str, Any]:
 
 def inference_field_names(config_cls: type[MethodConfig]) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("inference")}
+
+
+def execution_field_names(config_cls: type[MethodConfig]) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("execution")}
+
+
+def untrained_field_names(config_cls: type[MethodConfig]) -> set[str]:
+    """Fields that do not change the trained weights: inference and execution fields, and ``device``."""
+    return inference_field_names(config_cls) | execution_field_names(config_cls) | {"device"}
 
 
 def _coerce(value: Any, current: Any, name: str, annotation: str = "") -> Any:
@@ -174,6 +201,8 @@ class UADMethod(ABC):
             check_config(self.config)
         except ConfigValueError as exc:
             raise ConfigError(f"{type(self).__name__}: {exc}") from None
+        if int(self.config.log_every) < 1:
+            raise ConfigError(f"{type(self).__name__}: log_every must be >= 1, got {self.config.log_every}")
         self.notes = {}
         self.fitted_ = False
         self.input_shape_: tuple[int, int, int] | None = None  # C, H, W seen in fit
@@ -200,17 +229,17 @@ class UADMethod(ABC):
         return cls.training_family or cls.name
 
     def training_config(self) -> dict[str, Any]:
-        """The config values that change the trained weights (inference fields and the device excluded)."""
-        skip = inference_field_names(type(self.config))
-        return {k: v for k, v in config_to_dict(self.config).items() if k not in skip and k != "device"}
+        """The config values that change the trained weights (inference and execution fields and the device excluded)."""
+        skip = untrained_field_names(type(self.config))
+        return {k: v for k, v in config_to_dict(self.config).items() if k not in skip}
 
     def training_key(self) -> str:
         """Hash of what determines the weights: the training family (network and training code) and training config."""
         return stable_hash({"method": self.family(), "config": self.training_config(), "format": FORMAT_VERSION})
 
     def with_inference_overrides(self, **overrides: Any) -> "UADMethod":
-        """Change scoring-only knobs of a fitted method in place (ablation variants)."""
-        allowed = inference_field_names(type(self.config))
+        """Change scoring-only (or execution) knobs of a fitted method in place (ablation variants)."""
+        allowed = inference_field_names(type(self.config)) | execution_field_names(type(self.config))
         bad = sorted(set(overrides) - allowed)
         if bad:
             raise ConfigError(
@@ -389,7 +418,7 @@ class UADMethod(ABC):
             raise ValueError(f"{meta_path}: holds method {meta['method']!r}, not {cls.name!r}")
         config_values = meta["config"]
         if meta["method"] != cls.name:  # a sibling of the family trained it: keep its training fields
-            skip = inference_field_names(cls.Config)
+            skip = untrained_field_names(cls.Config) - {"device"}
             known = {f.name for f in dataclasses.fields(cls.Config)} - skip
             config_values = {k: v for k, v in config_values.items() if k in known}
         if device is not None:
