@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from methods.atomic import atomic_torch_save, atomic_write_text
+from methods.common.accel import configure_backends
 from methods.config_checks import ConfigValueError, check_config
 from methods.progress import progress_bar
 
@@ -292,6 +293,7 @@ class UADMethod(ABC):
             raise ValueError(f"{self.name}: training slices must be healthy, but some carry lesion pixels")
         self.input_shape_ = tuple(int(s) for s in train.images.shape[1:])  # type: ignore[assignment]
         seed_everything(self.config.seed)
+        configure_backends(self.device)  # TF32 and cuDNN autotuning on CUDA
         self._fit(train, val)
         self.fitted_ = True
         return self
@@ -327,6 +329,7 @@ class UADMethod(ABC):
         if self.input_shape_ is not None and images_t.shape[1] != self.input_shape_[0]:
             raise ValueError(f"{self.name}: trained on {self.input_shape_[0]} channel(s), got {images_t.shape[1]}")
         device = self.device
+        configure_backends(device)
         outputs = []
         batch = max(1, int(self.config.score_batch_size))
         starts = range(0, images_t.shape[0], batch)
@@ -352,6 +355,7 @@ class UADMethod(ABC):
         return torch.cat(outputs)
 
     def _autocast(self, device: torch.device):
+        """bf16 autocast of the scoring pass on CUDA (``amp``); the maps are returned in float32."""
         if self.config.amp and device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast(device.type, enabled=False)
