@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from methods.atomic import atomic_torch_save, atomic_write_text
-from methods.common.accel import configure_backends
+from methods.common.accel import configure_backends, to_channels_last
 from methods.config_checks import ConfigValueError, check_config
 from methods.progress import progress_bar
 
@@ -295,6 +295,8 @@ class UADMethod(ABC):
         seed_everything(self.config.seed)
         configure_backends(self.device)  # TF32 and cuDNN autotuning on CUDA
         self._fit(train, val)
+        for module in self.networks().values():  # the scoring layout (CUDA only; training loops set their own)
+            to_channels_last(module, self.device, self.config.channels_last)
         self.fitted_ = True
         return self
 
@@ -445,7 +447,7 @@ class UADMethod(ABC):
             raise ValueError(f"{weights_path}: holds networks {sorted(weights)}, expected {sorted(networks)}")
         for name, module in networks.items():
             module.load_state_dict(weights[name])
-            module.to(method.device)
+            to_channels_last(module.to(method.device), method.device, method.config.channels_last)
         method.set_extra_state(meta.get("extra_state", {}))
         method.fitted_ = True
         return method
