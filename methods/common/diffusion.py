@@ -222,7 +222,8 @@ class PixelDiffusionMethod(UADMethod):
         if self.input_shape_ is None:
             raise RuntimeError("input_shape_ must be set before _build")
         c_in = int(self.input_shape_[0])
-        self.model = build_unet(in_channels=c_in, out_channels=c_in, **backbone_kwargs(self.config)).to(self.device)
+        flash = self.device.type == "cuda"  # SDPA attention on CUDA; the CPU keeps the matrix form (bit-for-bit results)
+        self.model = build_unet(in_channels=c_in, out_channels=c_in, use_flash_attention=flash, **backbone_kwargs(self.config)).to(self.device)
         to_channels_last(self.model, self.device, self.config.channels_last)
         self.model.eval()
         self._forward = None
