@@ -7,7 +7,9 @@ predicts x0 and the L1 loss is taken over the noised patch only (the authors'
 patch contributes). Test: every patch of a grid of non-overlapping ``patch_size`` squares
 (48 x 48 at 128 x 128) is, in turn, noised alone to ``t_start`` = 499 (of T = 1000) and
 restored by one x0 prediction; the restoration is stitched from the patches and the map
-is ``|x - x_hat|`` (channel mean, data units).
+is ``|x - x_hat|`` (channel mean, data units). The K patch inputs of a batch go through
+the network as one batch of K x B (the same numbers as K sequential passes, to float
+rounding); training picks each slice's patch on the device (no host sync).
 
 The grid. Patches start at 0, p, 2p, ...; when ``p`` does not divide the side (128 / 48),
 the last row/column patch is shifted inward to end at the border (starts 0, 48, 80), so
