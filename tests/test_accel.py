@@ -178,7 +178,7 @@ def test_training_through_the_prefetching_loader_is_bitwise_the_direct_read(name
     modules, overrides = _LOOPS[name]
     probe = create_method(name, "tiny", device="cpu")
     modalities = probe.training_modalities("FLAIR")
-    data = make_tiny_slices(n_train=6, n_val=2, n_test=0, size=16 if name != "madad" else 32, channels=1 if modalities == ["FLAIR"] else 4)
+    data = make_tiny_slices(n_train=6, n_val=2, n_test=0, size=32, channels=1 if modalities == ["FLAIR"] else 4)
     if modalities == ["FLAIR"]:
         train, val = data.split("train"), data.split("val")
     else:
