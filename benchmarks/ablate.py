@@ -40,6 +40,7 @@ from benchmarks.run import (
     check_finished_records,
     parse_seeds,
     parse_set_overrides,
+    with_compile,
     resolve_data,
     resolve_methods,
     resolve_profile,
@@ -198,7 +199,7 @@ def _setup(args: argparse.Namespace) -> Setup:
     profile = resolve_profile(args.profile, args.device, [method])
     protocol = get_protocol(args.protocol)
     spec, modalities = resolve_data(protocol, args.data, args.modalities)
-    base = parse_base_overrides(args.set, method)
+    base = parse_base_overrides(with_compile(args.set, [method], args.compile), method)
     out = Path(args.out or f"results/runs/ablate-{method}-{protocol.name}-{profile}").resolve()
     ctx = RunContext(
         out=str(out),

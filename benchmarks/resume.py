@@ -19,9 +19,10 @@ from typing import Any, Callable
 
 from benchmarks.jobs import SUPERSEDED_DIR, Job
 from benchmarks.records import read_record
-from methods.base import config_to_dict
+from methods.base import MethodConfig, config_to_dict, execution_field_names
 
-_IGNORED_FIELDS = {"device"}  # the same job on another device is the same job
+# The same job on another device, or with other GPU execution knobs (bf16, compile, ...), is the same job.
+_IGNORED_FIELDS = {"device"} | execution_field_names(MethodConfig)
 _SIDECARS = (".per_image.csv", ".examples.npz")
 #: Fields added after records were first written, with the value those records ran with:
 #: a stored record without the field compares as if it held this value.

@@ -55,6 +55,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--examples", type=int, default=4, help="test slices stored per record for the figures")
     parser.add_argument("--replace-changed", action="store_true", help="rerun jobs whose finished records came from another config or data (the old records move to <out>/superseded/)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars and the status line")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the networks' forward passes on CUDA (sets compile=true for every job, as --set METHOD:compile=true; an explicit --set wins)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +166,11 @@ def resolve_profile(profile: str, device: str, methods: list[str]) -> str:
         if profile not in available:
             raise UsageError(f"--profile {profile!r}: method {name!r} has profiles {', '.join(sorted(available))}")
     return profile
+
+
+def with_compile(specs: list[str], methods: list[str], compile: bool) -> list[str]:
+    """``--set`` specs with ``METHOD:compile=true`` for every method first when ``--compile`` is given."""
+    return [*(f"{m}:compile=true" for m in methods), *specs] if compile else list(specs)
 
 
 def parse_set_overrides(specs: list[str], methods: list[str]) -> dict[str, dict[str, str]]:
@@ -310,7 +316,7 @@ def _run(args: argparse.Namespace) -> int:
         variants = parse_variants(args.variants, methods)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
-    base_overrides = parse_set_overrides(args.set, methods)
+    base_overrides = parse_set_overrides(with_compile(args.set, methods, args.compile), methods)
     if base_overrides:
         from benchmarks.jobs import Variant
 

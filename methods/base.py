@@ -13,7 +13,10 @@ scikit-learn's estimators:
 Subclasses implement three hooks: ``_fit``, ``_score_batch`` and ``networks`` (the
 ``nn.Module``s whose weights ``save`` stores). Configuration fields marked
 ``inference_field(...)`` only change scoring, so the runner can evaluate ablation
-variants on one trained model (see ``training_key``).
+variants on one trained model (see ``training_key``). Fields marked
+``execution_field(...)`` only change how the work runs on a GPU (bf16 autocast,
+``torch.compile``, memory layout, how often losses are read back); on the CPU they change
+nothing, so they are left out of ``training_key`` too.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from methods.atomic import atomic_torch_save, atomic_write_text
+from methods.common.accel import configure_backends, to_channels_last
 from methods.config_checks import ConfigValueError, check_config
 from methods.progress import progress_bar
 
@@ -63,6 +67,16 @@ def inference_field(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     return field(default=default, metadata=metadata, **kwargs)
 
 
+def execution_field(default: Any, **kwargs: Any) -> Any:
+    """A config field that only changes how the work runs on a GPU, never the CPU result.
+
+    Excluded from ``training_key`` (like ``device``) and from the runner's check of finished
+    records; changeable on a fitted method like an inference field.
+    """
+    metadata = dict(kwargs.pop("metadata", {}) or {}, execution=True)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
 @dataclass
 class MethodConfig:
     """Fields shared by every method. Subclasses add their own, published values as defaults."""
@@ -70,8 +84,13 @@ class MethodConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     score_batch_size: int = inference_field(32)
-    amp: bool = inference_field(False)  # bf16 autocast on CUDA for scoring
     apply_brain_mask: bool = inference_field(True)  # zero the map outside the brain
+    # GPU execution (methods/common/accel.py); each is a no-op on the CPU.
+    amp: bool = execution_field(True)  # bf16 autocast of the networks when scoring on CUDA
+    train_amp: bool = execution_field(True)  # bf16 autocast of the network forwards in training on CUDA (losses fp32)
+    compile: bool = execution_field(False)  # torch.compile the networks' forward passes (CUDA only)
+    channels_last: bool = execution_field(True)  # channels_last memory layout of conv networks (CUDA only)
+    log_every: int = execution_field(50)  # training steps between loss read-outs (each one is a host sync)
 
 
 def config_to_dict(config: MethodConfig) -> dict[str, Any]:
@@ -80,6 +99,15 @@ def config_to_dict(config: MethodConfig) -> dict[str, Any]:
 
 def inference_field_names(config_cls: type[MethodConfig]) -> set[str]:
     return {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("inference")}
+
+
+def execution_field_names(config_cls: type[MethodConfig]) -> set[str]:
+    return {f.name for f in dataclasses.fields(config_cls) if f.metadata.get("execution")}
+
+
+def untrained_field_names(config_cls: type[MethodConfig]) -> set[str]:
+    """Fields that do not change the trained weights: inference and execution fields, and ``device``."""
+    return inference_field_names(config_cls) | execution_field_names(config_cls) | {"device"}
 
 
 def _coerce(value: Any, current: Any, name: str, annotation: str = "") -> Any:
@@ -180,6 +208,8 @@ class UADMethod(ABC):
             check_config(self.config)
         except ConfigValueError as exc:
             raise ConfigError(f"{type(self).__name__}: {exc}") from None
+        if int(self.config.log_every) < 1:
+            raise ConfigError(f"{type(self).__name__}: log_every must be >= 1, got {self.config.log_every}")
         self.notes = {}
         self.fitted_ = False
         self.input_shape_: tuple[int, int, int] | None = None  # C, H, W seen in fit
@@ -206,9 +236,9 @@ class UADMethod(ABC):
         return cls.training_family or cls.name
 
     def training_config(self) -> dict[str, Any]:
-        """The config values that change the trained weights (inference fields and the device excluded)."""
-        skip = inference_field_names(type(self.config))
-        return {k: v for k, v in config_to_dict(self.config).items() if k not in skip and k != "device"}
+        """The config values that change the trained weights (inference and execution fields and the device excluded)."""
+        skip = untrained_field_names(type(self.config))
+        return {k: v for k, v in config_to_dict(self.config).items() if k not in skip}
 
     def training_key(self) -> str:
         """Hash of what determines the weights: the training family (network and training code) and training config."""
@@ -228,8 +258,8 @@ class UADMethod(ABC):
         return {"score_batch_size": DRY_RUN_BATCH}
 
     def with_inference_overrides(self, **overrides: Any) -> "UADMethod":
-        """Change scoring-only knobs of a fitted method in place (ablation variants)."""
-        allowed = inference_field_names(type(self.config))
+        """Change scoring-only (or execution) knobs of a fitted method in place (ablation variants)."""
+        allowed = inference_field_names(type(self.config)) | execution_field_names(type(self.config))
         bad = sorted(set(overrides) - allowed)
         if bad:
             raise ConfigError(
@@ -290,7 +320,10 @@ class UADMethod(ABC):
             raise ValueError(f"{self.name}: training slices must be healthy, but some carry lesion pixels")
         self.input_shape_ = tuple(int(s) for s in train.images.shape[1:])  # type: ignore[assignment]
         seed_everything(self.config.seed)
+        configure_backends(self.device)  # TF32 and cuDNN autotuning on CUDA
         self._fit(train, val)
+        for module in self.networks().values():  # the scoring layout (CUDA only; training loops set their own)
+            to_channels_last(module, self.device, self.config.channels_last)
         self.fitted_ = True
         return self
 
@@ -325,6 +358,7 @@ class UADMethod(ABC):
         if self.input_shape_ is not None and images_t.shape[1] != self.input_shape_[0]:
             raise ValueError(f"{self.name}: trained on {self.input_shape_[0]} channel(s), got {images_t.shape[1]}")
         device = self.device
+        configure_backends(device)
         outputs = []
         batch = max(1, int(self.config.score_batch_size))
         starts = range(0, images_t.shape[0], batch)
@@ -350,6 +384,7 @@ class UADMethod(ABC):
         return torch.cat(outputs)
 
     def _autocast(self, device: torch.device):
+        """bf16 autocast of the scoring pass on CUDA (``amp``); the maps are returned in float32."""
         if self.config.amp and device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast(device.type, enabled=False)
@@ -416,7 +451,7 @@ class UADMethod(ABC):
             raise ValueError(f"{meta_path}: holds method {meta['method']!r}, not {cls.name!r}")
         config_values = meta["config"]
         if meta["method"] != cls.name:  # a sibling of the family trained it: keep its training fields
-            skip = inference_field_names(cls.Config)
+            skip = untrained_field_names(cls.Config) - {"device"}
             known = {f.name for f in dataclasses.fields(cls.Config)} - skip
             config_values = {k: v for k, v in config_values.items() if k in known}
         if device is not None:
@@ -439,7 +474,7 @@ class UADMethod(ABC):
             raise ValueError(f"{weights_path}: holds networks {sorted(weights)}, expected {sorted(networks)}")
         for name, module in networks.items():
             module.load_state_dict(weights[name])
-            module.to(method.device)
+            to_channels_last(module.to(method.device), method.device, method.config.channels_last)
         method.set_extra_state(meta.get("extra_state", {}))
         method.fitted_ = True
         return method

@@ -84,6 +84,37 @@ def test_profiles_and_training_key_ignore_inference_fields():
         a.with_inference_overrides(width=3)
 
 
+def test_execution_fields_do_not_change_the_training_key_and_can_change_on_a_fitted_method():
+    """bf16, compile, layout and the loss read-out interval change nothing on the CPU: same weights, same key."""
+    from methods.base import execution_field_names
+
+    names = execution_field_names(_ToyConfig)
+    assert names == {"amp", "train_amp", "compile", "channels_last", "log_every"}
+    a = _Toy()
+    assert a.config.amp and a.config.train_amp and a.config.channels_last and not a.config.compile and a.config.log_every == 50
+    for name, value in {"amp": False, "train_amp": False, "compile": True, "channels_last": False, "log_every": 7}.items():
+        assert _Toy(**{name: value}).training_key() == a.training_key(), name
+        assert name not in a.training_config()
+    assert a.with_inference_overrides(compile=True, log_every=3).config.compile
+    with pytest.raises(ConfigError, match="log_every must be >= 1"):
+        _Toy(log_every=0)
+
+
+def test_a_record_differing_only_in_execution_fields_is_not_changed(tmp_path):
+    from benchmarks.jobs import Job
+    from benchmarks.records import SCHEMA_VERSION, write_record
+    from benchmarks.resume import changed_records, job_config
+
+    job = Job("S1", "ae", "embedded", "tiny", "T1", 0, "tiny")
+    config = dict(job_config(job), amp=False, train_amp=False, compile=True, channels_last=False, log_every=9, device="cuda")
+    record = {"schema_version": SCHEMA_VERSION, "status": "ok", "config": config, "data": {"fingerprint": "abc"}}
+    write_record(record, job.record_path(tmp_path))
+    assert changed_records([job], tmp_path, lambda data: "abc") == []
+    write_record(dict(record, config=dict(config, epochs=config["epochs"] + 1)), job.record_path(tmp_path))
+    [changed] = changed_records([job], tmp_path, lambda data: "abc")
+    assert changed.differences == (f"epochs: {config['epochs'] + 1} -> {config['epochs']}",)
+
+
 def test_registry_lists_builtins_and_rejects_unknown_names():
     assert "ae" in list_methods()
     with pytest.raises(UnknownMethodError, match="known methods: .*ae"):

@@ -42,21 +42,87 @@ class _RecordingModel(nn.Module):
         return torch.full_like(x, float(len(self.inputs) - 1))
 
 
+class _PatchIndexModel(nn.Module):
+    """x0 prediction = the patch index of each input row (rows are patch-major, ``batch`` per patch)."""
+
+    def __init__(self, batch: int) -> None:
+        super().__init__()
+        self.batch, self.inputs = batch, []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.clone())
+        index = torch.arange(x.shape[0], dtype=x.dtype) // self.batch
+        return index.view(-1, 1, 1, 1).expand_as(x).clone()
+
+
 def test_pddpm_noises_one_patch_at_a_time_and_stitches_from_owners() -> None:
     method = PDDPM.from_profile("tiny", device="cpu", clip_denoised=False)
     method.input_shape_ = (1, 16, 16)
-    method.model = _RecordingModel()
+    method.model = _PatchIndexModel(batch=2)
     x = torch.rand(2, 1, 16, 16) * 2 - 1
+    method.nfe = 0
     x_hat = method.restore(x, torch.Generator().manual_seed(0))
     boxes, owners = method.grid()
-    assert len(method.model.inputs) == len(boxes) == 9  # one pass per patch
-    for k, ((y0, y1, x0, x1), x_in) in enumerate(zip(boxes, method.model.inputs)):
+    assert len(method.model.inputs) == 1 and len(boxes) == 9  # all patches in one pass of 9 x 2 inputs
+    assert method.nfe == 9  # still nine network evaluations per slice
+    inputs = method.model.inputs[0].view(9, 2, 1, 16, 16)
+    for k, ((y0, y1, x0, x1), x_in) in enumerate(zip(boxes, inputs)):
         outside = torch.ones(16, 16, dtype=torch.bool)
         outside[y0:y1, x0:x1] = False
         assert torch.equal(x_in[..., outside], x[..., outside])  # the rest stays clean
         assert not torch.allclose(x_in[..., ~outside], x[..., ~outside])  # the patch is noised
     expected = sum(k * owners[k] for k in range(len(boxes)))
     assert torch.equal(x_hat, expected.expand_as(x_hat))
+
+
+def _sequential_restore(method: PDDPM, x: torch.Tensor, t: int, generator) -> torch.Tensor:
+    """The patch loop one network pass per patch (the reference for the batched pass)."""
+    boxes, owners = method.grid()
+    x_hat = torch.zeros_like(x)
+    for k, (y0, y1, xa, xb) in enumerate(boxes):
+        box = torch.zeros_like(x[:1, :1])
+        box[..., y0:y1, xa:xb] = 1.0
+        x_t = method.noise_to(x, t, method.sample_noise(x, generator))
+        x_hat = x_hat + owners[k] * method.denoise_one_pass(box * x_t + (1 - box) * x, t)
+    return x_hat
+
+
+@pytest.mark.parametrize("noise", ["simplex", "gaussian"])
+def test_pddpm_batched_patch_pass_equals_the_sequential_loop(noise: str) -> None:
+    torch.manual_seed(0)
+    method = PDDPM.from_profile("tiny", device="cpu", noise=noise)
+    method.input_shape_ = (1, 16, 16)
+    method.data_range_ = (0.0, 1.0)
+    method._build()
+    with torch.no_grad():  # MONAI zero-initialises the output layer: give every weight a value
+        for param in method.model.parameters():
+            param.normal_(0.0, 0.2)
+    x = torch.rand(3, 1, 16, 16) * 2 - 1
+    gens = lambda: method.generator(3)  # noqa: E731  (per-slice generators, seeded alike)
+    with torch.no_grad():
+        batched = method.restore_at(x, 5, gens())
+        sequential = _sequential_restore(method, x, 5, gens())
+    assert torch.allclose(batched, sequential, atol=1e-5), float((batched - sequential).abs().max())
+    assert batched.abs().min() > 0 or batched.std() > 1e-3  # the network's output is not a constant
+
+
+def test_pddpm_training_draws_one_patch_per_slice_as_the_per_sample_loop() -> None:
+    """Patch choice on the device draws the same patches (same generator stream) as the old list loop."""
+    method = PDDPM.from_profile("tiny", device="cpu")
+    method.input_shape_ = (1, 16, 16)
+    method.model = _RecordingModel()
+    x0 = torch.rand(5, 1, 16, 16) * 2 - 1
+    method.training_loss(x0, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    boxes, _ = method.grid()
+    pick = torch.randint(0, len(boxes), (5,), generator=gen).tolist()
+    t = torch.randint(0, method.T, (5,), generator=gen)
+    x_t = method.schedule.q_sample(x0, t, method.training_noise(x0, gen))
+    expected = x0.clone()
+    for i, k in enumerate(pick):
+        y0, y1, xa, xb = boxes[k]
+        expected[i, :, y0:y1, xa:xb] = x_t[i, :, y0:y1, xa:xb]
+    assert torch.equal(method.model.inputs[0], expected)
 
 
 def test_pddpm_training_loss_sees_only_the_patch() -> None:
@@ -159,10 +225,11 @@ class _OracleDenoiser(nn.Module):
         self.x0, self.abar, self.prediction_type = x0, abar, prediction_type
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        x0 = self.x0.repeat(x.shape[0] // self.x0.shape[0], 1, 1, 1)  # pDDPM stacks its patch inputs along the batch
         if self.prediction_type == "sample":
-            return self.x0.expand_as(x)
+            return x0
         a = self.abar[t].view(-1, 1, 1, 1)
-        return (x - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 def _oracle(name: str, train, images: torch.Tensor, **overrides):

@@ -140,6 +140,29 @@ def test_build_unet_shapes_and_checks() -> None:
         check_backbone((8, 16), (False, True), 32, 8)
 
 
+@pytest.mark.parametrize("head_channels", [8, 16])
+def test_sdpa_attention_computes_the_matrix_attention(head_channels: int) -> None:
+    """use_flash_attention (PyTorch SDPA) is the same network: same state dict, same outputs
+    and gradients to float rounding, with one or several heads per attention layer."""
+    kw = dict(in_channels=1, out_channels=1, channels=(8, 16, 16), attention_levels=(False, True, True), num_head_channels=head_channels, norm_num_groups=8)
+    torch.manual_seed(0)
+    matrix = build_unet(**kw)
+    with torch.no_grad():  # MONAI zero-initialises the output layer: give every weight a value
+        for param in matrix.parameters():
+            param.normal_(0.0, 0.3)  # large enough that the attention is far from uniform
+    sdpa = build_unet(**kw, use_flash_attention=True)
+    assert list(sdpa.state_dict()) == list(matrix.state_dict())
+    sdpa.load_state_dict(matrix.state_dict())
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([0, 4, 9])
+    out_m, out_s = matrix(x, t), sdpa(x, t)
+    assert out_m.abs().max() > 0.5
+    torch.testing.assert_close(out_s, out_m, rtol=1e-5, atol=1e-5)
+    out_m.square().sum().backward()
+    out_s.square().sum().backward()
+    for (name, p_m), p_s in zip(matrix.named_parameters(), sdpa.parameters()):
+        torch.testing.assert_close(p_s.grad, p_m.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 PAPER_UNET = dict(channels=(128, 256, 256), attention_levels=(False, True, True), num_res_blocks=1, num_head_channels=256, norm_num_groups=32)
 
 

@@ -41,9 +41,10 @@ def load_authors_weights(net: torch.nn.Module, state: dict[str, torch.Tensor]) -
         assert any(v.shape == s.shape and torch.equal(v, s) for s in theirs), f"our {k} was not loaded from the authors' state dict"
 
 
-def test_backbone_output_matches_authors_unet() -> None:
+@pytest.mark.parametrize("flash", [False, True], ids=["matrix-attention", "sdpa-attention"])
+def test_backbone_output_matches_authors_unet(flash: bool) -> None:
     fx = load_fixture("backbone")
-    net = build_unet(in_channels=1, out_channels=1, **SMALL).eval()
+    net = build_unet(in_channels=1, out_channels=1, use_flash_attention=flash, **SMALL).eval()
     load_authors_weights(net, authors_state_dict(fx))
     x = torch.from_numpy(fx["x"].astype(np.float32))
     t = torch.from_numpy(fx["timesteps"]).long()

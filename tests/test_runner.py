@@ -136,3 +136,22 @@ def test_a_record_from_another_config_or_data_is_not_skipped_silently(prepared, 
     with pytest.raises(SystemExit):
         main([*base, "--set", "ae:epochs=2"])
     assert "data fingerprint: 0000000000000000 ->" in capsys.readouterr().err
+
+
+def test_compile_flag_sets_compile_for_every_job_and_is_the_same_job(prepared, tmp_path):
+    """--compile is --set METHOD:compile=true for every method; an explicit --set wins; a record
+    made with it answers the job without it (an execution field: same weights on the CPU)."""
+    from benchmarks.run import parse_set_overrides, with_compile
+
+    assert parse_set_overrides(with_compile([], ["ae", "dae"], True), ["ae", "dae"]) == {"ae": {"compile": "true"}, "dae": {"compile": "true"}}
+    assert parse_set_overrides(with_compile(["ae:compile=false"], ["ae"], True), ["ae"]) == {"ae": {"compile": "false"}}
+    assert with_compile(["ae:epochs=1"], ["ae"], False) == ["ae:epochs=1"]
+
+    out = tmp_path / "run"
+    argv = ["--protocol", "S1", "--methods", "ae", "--profile", "tiny", "--data", str(prepared), "--out", str(out), "--no-progress"]
+    assert main([*argv, "--compile"]) == 0
+    [record] = _records(out)
+    assert record["status"] == "ok" and record["config"]["compile"] is True
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "records").rglob("*.json")}
+    assert main(argv) == 0  # not "changed": skipped, not rerun
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "records").rglob("*.json")}

@@ -25,11 +25,17 @@ the batch: the same direction, which Adam's scale invariance makes nearly irrele
 a fixed epoch budget (``epochs``) with the best-validation weights instead of their
 early stopping; dropout is active in training only (as theirs; their Monte-Carlo
 variant is not offered).
+
+GPU execution (``methods.common.accel``; no-ops on the CPU): prefetched batches, bf16
+autocast of the forward passes in training (``train_amp``; the L1 in float32), the losses
+kept on the device and read back every ``log_every`` steps (a non-finite loss stops the
+run), ``compile`` and ``channels_last`` for the training forward passes.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +46,7 @@ from torch import nn
 
 from datasets.format import SliceSet
 from methods.base import DRY_RUN_BATCH, ConfigError, MethodConfig, UADMethod
+from methods.common.accel import compile_forward, prefetch_epoch, to_channels_last, train_autocast
 from methods.common.resolution import InternalResolution
 from methods.progress import progress_bar
 from methods.registry import register_method
@@ -185,43 +192,70 @@ class AutoEncoder(InternalResolution, UADMethod):
             plan.fit_forward.append(Evaluations("autoencoder", cfg.epochs * n_val, f"validation: {cfg.epochs} epochs x {n_val} slices"))
         return plan
 
+    def _recon_l1(self, forward, x: torch.Tensor) -> torch.Tensor:
+        """Mean L1 between ``x`` and its reconstruction (forward under bf16 autocast on CUDA, the L1 in float32)."""
+        with train_autocast(x.device, self.config.train_amp):
+            recon = forward(x)
+        return (recon.float() - x).abs().mean()
+
     def _l1(self, data: SliceSet) -> float:
-        """Mean L1 reconstruction error over ``data`` (eval mode)."""
+        """Mean L1 reconstruction error over ``data`` (eval mode; read back once)."""
         self.model.eval()
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for start in range(0, len(data), self.config.batch_size):
                 x = self._to_internal(torch.from_numpy(np.asarray(data.images[start : start + self.config.batch_size], dtype=np.float32)).to(self.device))
-                total += float((self.model(x) - x).abs().mean()) * x.shape[0]
-        return total / max(len(data), 1)
+                total += self._recon_l1(self.model, x).double() * x.shape[0]
+        return float(total) / max(len(data), 1)
 
     def _fit(self, train: SliceSet, val: SliceSet | None) -> None:
         cfg = self.config
         self._build()
+        device = self.device
+        forward = compile_forward(to_channels_last(self.model, device, cfg.channels_last), device, cfg.compile)
         optimiser = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         generator = torch.Generator().manual_seed(cfg.seed)
         batch = min(cfg.batch_size, len(train))
         best: tuple[float, int, dict] | None = None
         bar = progress_bar(range(cfg.epochs), desc="fit ae", unit="epoch")
+
+        def read(index: np.ndarray) -> tuple[np.ndarray]:
+            return (np.asarray(train.images[index], dtype=np.float32),)
+
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of L1 x slices, slices, since the last read-out
+        step = 0
         for epoch in bar:
             self.model.train()
-            total = 0.0
-            for index in self.iterate_minibatches(len(train), batch, generator, drop_last=True):
-                x = self._to_internal(torch.from_numpy(np.asarray(train.images[index], dtype=np.float32)).to(self.device))
-                loss = (self.model(x) - x).abs().mean()
+            order = list(self.iterate_minibatches(len(train), batch, generator, drop_last=True))
+            for index, (images,) in prefetch_epoch(read, order, device):
+                loss = self._recon_l1(forward, self._to_internal(images))
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-                total += float(loss.detach()) * len(index)
-            bar.set_postfix(l1=f"{total / len(train):.4f}")
+                total[0] += loss.detach().double() * len(index)
+                total[1] += len(index)
+                step += 1
+                if step % cfg.log_every == 0:  # the only host sync of the loop
+                    self._log(bar, total, step)
             if cfg.keep_best and val is not None and len(val) > 0:
                 val_l1 = self._l1(val)
                 if best is None or val_l1 < best[0]:
                     best = (val_l1, epoch, copy.deepcopy(self.model.state_dict()))
+        self._log(bar, total, step)
         if best is not None:
             self.model.load_state_dict(best[2])
             self.notes["best_val_epoch"], self.notes["best_val_l1"] = best[1], best[0]
         self.model.eval()
+
+    def _log(self, bar, total: torch.Tensor, step: int) -> None:
+        """Read the running L1 back (a host sync), show it, stop a diverged run, restart the sum."""
+        if float(total[1]) == 0:
+            return
+        l1 = float(total[0] / total[1])
+        if not math.isfinite(l1):
+            raise FloatingPointError(f"ae: the training loss is not finite ({l1}) by step {step}")
+        bar.set_postfix(l1=f"{l1:.4f}")
+        total.zero_()
 
     def _reconstruct_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
         recon = self.model(self._to_internal(images))

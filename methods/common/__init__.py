@@ -7,6 +7,8 @@
 * ``augment``: the ci-ber training augmentation (random affine + horizontal flip) in torch.
 * ``diffusion``: ``PixelDiffusionConfig`` / ``PixelDiffusionMethod`` (training loop, partial
   noising, reverse chain, one-pass denoising) for the pixel-space diffusion baselines.
+* ``accel``: GPU execution (TF32, bf16 autocast, channels_last, ``torch.compile``, a
+  prefetching batch loader); no-ops on the CPU.
 
 Submodules are imported lazily by the methods that need them (MONAI is slow to import).
 """

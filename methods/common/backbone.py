@@ -15,6 +15,13 @@ renames the MONAI-Generative keys).
 MONAI >= 1.4 spells the width argument ``channels=`` (the old MONAI-Generative package
 used ``num_channels=``); every channel count must be divisible by ``norm_num_groups``
 and every attention level's width by ``num_head_channels``.
+
+Attention. ``use_flash_attention=True`` computes self-attention with PyTorch's
+``scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA) instead of
+materialising the ``HW x HW`` attention matrix; the weights are the same and so are the
+outputs, to float rounding (tested against the matrix form and the authors' UNet). The
+pixel diffusion methods switch it on for CUDA devices; on the CPU they keep the matrix
+form, so CPU training stays bit-for-bit what it was.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ def build_unet(
     norm_num_groups: int = 32,
     include_fc: bool = False,
     spatial_dims: int = 2,
+    use_flash_attention: bool = False,
 ) -> nn.Module:
     """MONAI ``DiffusionModelUNet``; the input side must be divisible by ``2 ** (len(channels) - 1)``."""
     from monai.networks.nets import DiffusionModelUNet
@@ -84,6 +92,7 @@ def build_unet(
         num_head_channels=int(num_head_channels),
         norm_num_groups=int(norm_num_groups),
         include_fc=bool(include_fc),
+        use_flash_attention=bool(use_flash_attention),
     )
 
 

@@ -45,6 +45,12 @@ training set / their batch (``paper_steps``); ``max_steps=None`` trains ``epochs
 of the data at hand instead. Options beyond the ci-ber set-up, for AnoDDPM (Wyatt's
 code): ``train_t_max`` (timesteps drawn from ``0..train_t_max-1``) and ``ema_decay``
 (scoring and validation use the exponential moving average of the weights).
+
+GPU execution (``methods.common.accel``, no-ops on the CPU): batches come through the
+prefetching loader, the network's forward passes run under bf16 autocast (``train_amp``;
+outputs and losses in float32), the losses stay on the device and are read back every
+``log_every`` steps (when the divergence check runs), and ``compile`` compiles the forward
+pass used in training and scoring (``networks()`` keeps the plain module).
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
+from methods.common.accel import compile_forward, prefetch_epoch, to_channels_last, train_autocast
 from methods.common.augment import random_affine_flip
 from methods.common.backbone import backbone_kwargs, build_unet, load_unet_checkpoint
 from methods.common.noise import SliceGenerators, gaussian_noise, per_slice, slice_seed  # noqa: F401 (re-exported)
@@ -187,6 +194,7 @@ class PixelDiffusionMethod(UADMethod):
         self.data_range_: tuple[float, float] | None = None  # [lo, hi] of the training data, set by fit
         self.nfe = 0  # network evaluations in the last _score_batch call, per slice
         self._first_index = 0  # index in the scored set of the current batch's first slice
+        self._forward: tuple[nn.Module, Callable] | None = None  # (self.model, its (compiled) forward pass)
 
     # ------------------------------------------------------------------ construction
     def validate_config(self) -> None:
@@ -236,8 +244,11 @@ class PixelDiffusionMethod(UADMethod):
         if self.input_shape_ is None:
             raise RuntimeError("input_shape_ must be set before _build")
         c_in = int(self.input_shape_[0])
-        self.model = build_unet(in_channels=c_in, out_channels=c_in, **backbone_kwargs(self.config)).to(self.device)
+        flash = self.device.type == "cuda"  # SDPA attention on CUDA; the CPU keeps the matrix form (bit-for-bit results)
+        self.model = build_unet(in_channels=c_in, out_channels=c_in, use_flash_attention=flash, **backbone_kwargs(self.config)).to(self.device)
+        to_channels_last(self.model, self.device, self.config.channels_last)
         self.model.eval()
+        self._forward = None
         self.notes.setdefault("internal_resolution", self.internal_size)
 
     def extra_state(self) -> dict:
@@ -344,10 +355,24 @@ class PixelDiffusionMethod(UADMethod):
             return t.to(device).long()
         return torch.full((batch,), int(t), device=device, dtype=torch.long)
 
+    @property
+    def forward(self) -> Callable:
+        """The network's forward pass: ``self.model``, or its ``torch.compile`` on CUDA with ``compile``."""
+        assert self.model is not None, "network not built"
+        if self._forward is None or self._forward[0] is not self.model:  # built once per network
+            self._forward = (self.model, compile_forward(self.model, self.device, self.config.compile))
+        return self._forward[1]
+
     def model_output(self, x_t: torch.Tensor, t: int | torch.Tensor) -> torch.Tensor:
         assert self.model is not None, "network not built"
         self.nfe += 1
-        return self.model(x_t, self._timesteps(t, x_t.shape[0], x_t.device)).to(x_t.dtype)
+        return self.forward(x_t, self._timesteps(t, x_t.shape[0], x_t.device)).to(x_t.dtype)
+
+    def train_output(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network's output in training: bf16 autocast on CUDA (``train_amp``), returned in float32."""
+        with train_autocast(x_t.device, self.config.train_amp):
+            out = self.forward(x_t, t)
+        return out.float()
 
     def _clip(self, x0: torch.Tensor) -> torch.Tensor:
         """Clip to [-1, 1]: the model image of the training range (or of ``data_range``)."""
@@ -487,7 +512,7 @@ class PixelDiffusionMethod(UADMethod):
         t = self.training_timesteps(x0.shape[0], generator, x0.device)
         noise = self.training_noise(x0, generator)
         x_t = self.schedule.q_sample(x0, t, noise)
-        out = self.model(x_t, t)
+        out = self.train_output(x_t, t)
         target = noise if self.config.prediction_type == "epsilon" else x0
         return self.loss_fn(out, target)
 
@@ -546,13 +571,19 @@ class PixelDiffusionMethod(UADMethod):
         total_steps = int(c.max_steps) if c.max_steps is not None else int(c.epochs) * steps_per_epoch
         validate = val is not None and len(val) > 0 and c.val_every is not None
         best: tuple[float, int, dict] | None = None
-        history: list[float] = []
-        step, losses = 0, []
+        step = 0
         self.model.train()
         bar = progress_bar(range(total_steps), desc=f"fit {self.name}", unit="step", enabled=c.progress)
+
+        def read(idx: np.ndarray) -> tuple[np.ndarray]:
+            return (np.asarray(train.images[idx], dtype=np.float32),)
+
+        epoch_sums: list[torch.Tensor] = []  # per epoch: [sum of losses, steps], on the device (read at log-outs)
         while step < total_steps:
-            for idx in self.iterate_minibatches(n, c.batch_size, cpu_gen):
-                batch = torch.from_numpy(np.asarray(train.images[idx], dtype=np.float32)).to(device)
+            total = torch.zeros(2, dtype=torch.float64, device=device)
+            epoch_sums.append(total)
+            # the epoch's order is drawn here, before any draw of the steps, as a direct loop does
+            for _, (batch,) in prefetch_epoch(read, list(self.iterate_minibatches(n, c.batch_size, cpu_gen)), device):
                 batch = self.resize(batch, self.internal_size)
                 if c.augment:
                     batch = random_affine_flip(batch, gen)  # in data units: the fill 0 is the background
@@ -564,18 +595,19 @@ class PixelDiffusionMethod(UADMethod):
                     with torch.no_grad():
                         for p_ema, p in zip(ema.parameters(), self.model.parameters()):
                             p_ema.mul_(c.ema_decay).add_(p.detach(), alpha=1.0 - c.ema_decay)
-                losses.append(float(loss.detach()))
+                total[0] += loss.detach().double()
+                total[1] += 1
                 step += 1
                 bar.update(1)
+                if step % int(c.log_every) == 0:  # the only host sync of the loop
+                    self._check_loss(total, bar, step)
                 if validate and step % int(c.val_every) == 0:
                     best = self._validate(val, ema, step, best)  # type: ignore[arg-type]
                     self.model.train()
                 if step >= total_steps:
                     break
-            history.append(sum(losses) / max(len(losses), 1))
-            losses = []
-            bar.set_postfix(loss=f"{history[-1]:.4f}")
         bar.close()
+        history = [float(s[0] / s[1].clamp(min=1)) for s in torch.stack(epoch_sums).cpu()] if epoch_sums else []
         if ema is not None:
             self.model.load_state_dict(ema.state_dict())  # score with the averaged weights (Wyatt's code)
         self.model.eval()
@@ -587,6 +619,13 @@ class PixelDiffusionMethod(UADMethod):
         self.notes["final_train_loss"] = history[-1] if history else None
         self.notes["train_steps"] = total_steps
         self.notes["train_epochs"] = round(total_steps / steps_per_epoch, 2)  # epochs of this training set
+
+    def _check_loss(self, total: torch.Tensor, bar, step: int) -> None:
+        """Read the running loss back (a host sync): show it and stop a diverged run."""
+        mean = float(total[0] / total[1].clamp(min=1))
+        if not math.isfinite(mean):
+            raise RuntimeError(f"{self.name}: training diverged (loss {mean} by step {step})")
+        bar.set_postfix(loss=f"{mean:.4f}")
 
     def _validate(self, val: "SliceSet", ema: nn.Module | None, step: int, best: tuple[float, int, dict] | None):
         """Validate the weights scoring would use; keep a copy if they are the best so far."""

@@ -27,7 +27,8 @@ from torch import nn
 
 from datasets.format import SliceSet
 from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
-from methods.common.liang_train import endless_batches, train_steps
+from methods.common.accel import compile_forward, prefetch_endless, to_channels_last, train_autocast
+from methods.common.liang_train import epoch_batches, train_steps
 from methods.common.liang_unet import LiangUNet, resolve_channel_mult, unet_kwargs
 from methods.registry import register_method
 
@@ -182,22 +183,33 @@ class CyclUNet(UADMethod):
         self.notes["input_modality"], self.notes["intermediate_modality"] = a, b
         self._build()
         c = self.config
+        device = self.device
         gen = torch.Generator().manual_seed(c.seed)
+        for net in (self.forward_net, self.backward_net):
+            to_channels_last(net, device, c.channels_last)
+        forward_net, backward_net = (compile_forward(net, device, c.compile) for net in (self.forward_net, self.backward_net))
 
-        def pair(index: np.ndarray) -> torch.Tensor:
-            return self._to_units(torch.from_numpy(np.asarray(train.images[index], dtype=np.float32)).to(self.device))
+        def read(index: np.ndarray) -> tuple[np.ndarray]:
+            return (np.asarray(train.images[index], dtype=np.float32),)
 
-        def loss_forward(index: np.ndarray) -> torch.Tensor:
-            u = pair(index)
-            return F.mse_loss(self.forward_net(u[:, :1]), u[:, 1:])
+        def mse(net, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            with train_autocast(device, c.train_amp):
+                out = net(source)
+            return F.mse_loss(out.float(), target)
 
-        def loss_backward(index: np.ndarray) -> torch.Tensor:
-            u = pair(index)
-            return F.mse_loss(self.backward_net(u[:, 1:]), u[:, :1])
+        def loss_forward(batch) -> torch.Tensor:
+            u = self._to_units(batch[1][0])
+            return mse(forward_net, u[:, :1], u[:, 1:])
+
+        def loss_backward(batch) -> torch.Tensor:
+            u = self._to_units(batch[1][0])
+            return mse(backward_net, u[:, 1:], u[:, :1])
 
         schedule = dict(lr=c.lr, weight_decay=c.weight_decay, lr_decay_steps=c.lr_decay_steps, lr_decay_factor=c.lr_decay_factor)
         for name, net, loss in (("forward", self.forward_net, loss_forward), ("backward", self.backward_net, loss_backward)):
-            losses = train_steps(net, loss, endless_batches(len(train), c.batch_size, gen), c.steps, desc=f"fit cyclunet {name}", **schedule)
+            batches = prefetch_endless(read, lambda: epoch_batches(len(train), c.batch_size, gen), device)
+            losses = train_steps(net, loss, batches, c.steps, desc=f"fit cyclunet {name}", log_every=c.log_every, **schedule)
+            batches.close()
             self.notes[f"{name}_final_mse"] = float(np.mean(losses[-10:])) if losses else None
 
     # ------------------------------------------------------------------ scoring

@@ -6,13 +6,18 @@ with coarse noise, N(0, std^2) drawn on a 16 x 16 grid, bilinearly upsampled, ro
 random shift per batch and added inside the foreground; loss = MSE on the foreground.
 Scoring: ``|x - net(x)|`` (mean over channels) inside the foreground eroded by about 2 px,
 then a 5 x 5 median filter. Every setting and its source file: methods/dae/README.md.
+
+GPU execution (``methods.common.accel``; no-ops on the CPU): prefetched batches, bf16
+autocast of the UNet's forward passes in training (``train_amp``; the loss in float32),
+the loss checked for divergence every ``log_every`` iterations instead of every one,
+``compile`` and ``channels_last`` for the training forward passes.
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +26,7 @@ from torch import nn
 
 from datasets.format import SliceSet
 from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
+from methods.common.accel import compile_forward, prefetch_endless, to_channels_last, train_autocast
 from methods.common.resolution import InternalResolution
 from methods.dae.network import DAEUNet
 from methods.dae.ops import add_coarse_noise, erode_foreground, masked_mse, median_filter, unit_ratio
@@ -141,34 +147,41 @@ class DenoisingAutoencoder(InternalResolution, UADMethod):
 
     def _batch(self, data: SliceSet, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and foreground of ``index`` at the internal resolution."""
-        x = torch.from_numpy(np.asarray(data.images[index], dtype=np.float32)).to(self.device)
-        m = torch.from_numpy(np.asarray(data.brain_masks[index])).to(self.device)
+        return self._prepare(*(torch.from_numpy(a).to(self.device) for a in self._read(data, index)))
+
+    @staticmethod
+    def _read(data: SliceSet, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(data.images[index], dtype=np.float32), np.asarray(data.brain_masks[index])
+
+    def _prepare(self, x: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images and brain masks (on the device) -> images and foreground at the internal resolution."""
         fg = self._foreground(x, m)
         x = self._to_internal(x)
         if tuple(fg.shape[-2:]) != tuple(x.shape[-2:]):
             fg = (F.interpolate(fg, size=x.shape[-2:], mode="area") > 0.5).float()
         return x, fg
 
-    def _train_batches(self, n: int, batch: int, generator: torch.Generator) -> Iterator[np.ndarray]:
-        """Shuffled batches without a short last one, epoch after epoch (their DataLoader, drop_last)."""
-        while True:
-            yield from self.iterate_minibatches(n, batch, generator, drop_last=True)
+    def _restoration_loss(self, forward, x: torch.Tensor, fg: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The masked MSE of restoring ``x`` from coarse noise (forward under bf16 autocast on CUDA, the loss in float32)."""
+        noisy = add_coarse_noise(x, fg, std, self.config.noise_res, generator)
+        with train_autocast(x.device, self.config.train_amp):
+            restored = forward(noisy)
+        return masked_mse(restored.float(), x, fg)
 
-    def _val_loss(self, val: SliceSet, std: torch.Tensor, generator: torch.Generator) -> float:
+    def _val_loss(self, val: SliceSet, std: torch.Tensor, generator: torch.Generator, forward=None) -> float:
         """Mean noisy-restoration loss over the first ``val_batches`` validation batches (fresh noise)."""
         cfg = self.config
         batch = min(cfg.batch_size, len(val))
         stop = len(val) - len(val) % batch  # drop_last, as their loader when the set exceeds a batch
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=self.device), 0
         self.model.eval()
         with torch.no_grad():
             for start in list(range(0, stop, batch))[: cfg.val_batches]:
                 x, fg = self._batch(val, np.arange(start, start + batch))
-                noisy = add_coarse_noise(x, fg, std, cfg.noise_res, generator)
-                total += float(masked_mse(self.model(noisy), x, fg)) * len(x)
+                total += self._restoration_loss(forward or self.model, x, fg, std, generator).double() * len(x)
                 count += len(x)
         self.model.train()
-        return total / count
+        return float(total) / count
 
     def cost_plan(self, n_train: int, n_val: int):
         from methods.cost import CostPlan, Evaluations, Stage, TrainPhase
@@ -204,27 +217,36 @@ class DenoisingAutoencoder(InternalResolution, UADMethod):
             noise_grid=f"{cfg.noise_res} x {cfg.noise_res} at {self._internal_size()[0]} x {self._internal_size()[1]}",
         )
         self._build()
+        device = self.device
+        forward = compile_forward(to_channels_last(self.model, device, cfg.channels_last), device, cfg.compile)
         optimiser = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=cfg.t_max_epochs)
         generator = torch.Generator().manual_seed(cfg.seed)
-        batches = self._train_batches(len(train), min(cfg.batch_size, len(train)), generator)
+        batch = min(cfg.batch_size, len(train))
+        # shuffled batches without a short last one, epoch after epoch (their DataLoader, drop_last), read ahead
+        batches = prefetch_endless(
+            lambda index: self._read(train, index), lambda: list(self.iterate_minibatches(len(train), batch, generator, drop_last=True)), device
+        )
         best_state, best_loss, best_iteration = None, float("inf"), 0
+        finite = torch.ones((), dtype=torch.bool, device=device)  # all losses since the last check finite
         self.model.train()
         bar = progress_bar(range(1, cfg.iterations + 1), desc="fit dae", unit="it")
         for iteration in bar:
-            x, fg = self._batch(train, next(batches))
-            loss = masked_mse(self.model(add_coarse_noise(x, fg, std, cfg.noise_res, generator)), x, fg)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"dae: the training loss is {float(loss)} at iteration {iteration}")
+            x, fg = self._prepare(*next(batches)[1])
+            loss = self._restoration_loss(forward, x, fg, std, generator)
+            finite &= torch.isfinite(loss.detach())
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=cfg.grad_clip)
             optimiser.step()
+            if iteration % cfg.log_every == 0 or iteration == cfg.iterations or iteration % cfg.epoch_len == 0:
+                if not bool(finite):  # the divergence check, at read-out time only (a host sync)
+                    raise FloatingPointError(f"dae: the training loss is not finite ({float(loss)}) by iteration {iteration}")
             if iteration % cfg.epoch_len:
                 continue
             scheduler.step()  # once per epoch of epoch_len iterations, before validation
             if val is not None and len(val):
-                val_loss = self._val_loss(val, std, generator)
+                val_loss = self._val_loss(val, std, generator, forward)
                 if val_loss < best_loss:  # strictly better, as their ModelSaver
                     best_state, best_loss, best_iteration = copy.deepcopy(self.model.state_dict()), val_loss, iteration
                 bar.set_postfix(mse=f"{float(loss.detach()):.5f}", val=f"{val_loss:.5f}")
@@ -233,6 +255,7 @@ class DenoisingAutoencoder(InternalResolution, UADMethod):
             self.notes.update(checkpoint="best validation loss", best_val_loss=best_loss, best_iteration=best_iteration)
         else:
             self.notes.update(checkpoint="last iteration (no validation set or no full epoch)")
+        batches.close()
         self.model.eval()
 
     def _reconstruct_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ from torch import nn
 
 from datasets.format import SliceSet
 from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
-from methods.common.liang_train import endless_batches, train_steps
+from methods.common.accel import compile_forward, prefetch_endless, to_channels_last, train_autocast
+from methods.common.liang_train import epoch_batches, train_steps
 from methods.common.liang_unet import LiangUNet, resolve_channel_mult, unet_kwargs
 from methods.itermask2.frequency import high_pass_phase
 from methods.itermask2.masks import MaskSamplerConfig, masked_error_threshold, sample_training_masks, top_fraction_mask
@@ -214,8 +215,13 @@ class IterMask2(UADMethod):
         return (b > 0.5).float()
 
     def _load(self, data: SliceSet, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.from_numpy(np.asarray(data.images[index], dtype=np.float32)).to(self.device)
-        b = torch.from_numpy(np.asarray(data.brain_masks[index])).to(self.device)
+        return self._prepare(*(torch.from_numpy(a).to(self.device) for a in self._read(data, index)))
+
+    @staticmethod
+    def _read(data: SliceSet, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(data.images[index], dtype=np.float32), np.asarray(data.brain_masks[index])
+
+    def _prepare(self, x: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._to_units(x), self._brain(b)
 
     def _sampler(self) -> MaskSamplerConfig:
@@ -238,20 +244,31 @@ class IterMask2(UADMethod):
         rng = np.random.default_rng(c.seed)
         gen = torch.Generator().manual_seed(c.seed)
         sampler, radius = self._sampler(), float(c.hp_radius)
+        device = self.device
+        for net in (self.net0, self.net1):
+            to_channels_last(net, device, c.channels_last)
+        net0, net1 = (compile_forward(net, device, c.compile) for net in (self.net0, self.net1))
 
-        def loss_net0(index: np.ndarray) -> torch.Tensor:
-            u, _ = self._load(train, index)
-            return F.mse_loss(self.net0(high_pass_phase(u, radius)), u)
+        def mse(net, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            with train_autocast(device, c.train_amp):
+                out = net(inputs)
+            return F.mse_loss(out.float(), target)
 
-        def loss_net1(index: np.ndarray) -> torch.Tensor:
-            u, brain = self._load(train, index)
+        def loss_net0(batch) -> torch.Tensor:
+            u, _ = self._prepare(*batch[1])
+            return mse(net0, high_pass_phase(u, radius), u)
+
+        def loss_net1(batch) -> torch.Tensor:
+            u, brain = self._prepare(*batch[1])
             mask = sample_training_masks(brain[:, 0], self.internal_size, rng, sampler)
             noise = torch.randn(u.shape, generator=gen).to(u)
-            return F.mse_loss(self.net1(self._masked_input(u, high_pass_phase(u, radius), mask, noise)), u)
+            return mse(net1, self._masked_input(u, high_pass_phase(u, radius), mask, noise), u)
 
         schedule = dict(lr=c.lr, weight_decay=c.weight_decay, lr_decay_steps=c.lr_decay_steps, lr_decay_factor=c.lr_decay_factor)
         for name, net, loss in (("net0", self.net0, loss_net0), ("net1", self.net1, loss_net1)):
-            losses = train_steps(net, loss, endless_batches(len(train), c.batch_size, gen), c.steps, desc=f"fit itermask2 {name}", **schedule)
+            batches = prefetch_endless(lambda index: self._read(train, index), lambda: epoch_batches(len(train), c.batch_size, gen), device)
+            losses = train_steps(net, loss, batches, c.steps, desc=f"fit itermask2 {name}", log_every=c.log_every, **schedule)
+            batches.close()
             self.notes[f"{name}_final_mse"] = float(np.mean(losses[-10:])) if losses else None
         self.tau_ = self._fit_tau(val, rng, gen)
         self.notes["tau"] = self.tau_

@@ -107,10 +107,9 @@ class MadadConfig(MethodConfig):
     val_every: int = 10  # authors' --ckpt-every default
     val_mask_ratio_max: float = 0.3
     val_patch_size_probs: tuple[float, ...] = (0.3, 0.3, 0.2, 0.2)
-    # GPU: bf16 autocast for the denoiser's forward passes in training (CUDA only; DDIM state,
-    # latents and losses stay fp32). Scoring uses ``amp`` (below).
-    train_amp: bool = True
-    log_every: int = 50  # training steps between loss read-outs (each one is a host sync)
+    # GPU: ``train_amp`` (bf16 autocast of the network forwards in training; DDIM state,
+    # latents and losses stay fp32), ``amp`` (the same when scoring) and ``log_every`` are
+    # the execution fields every method shares (methods/base.py), all on by default.
 
     # ------------------------------------------------------------------ augmentation (authors' code only; augment.py)
     aug_p: float = 0.0  # probability of each of the three transforms
@@ -129,7 +128,6 @@ class MadadConfig(MethodConfig):
     map_reference: str = inference_field("input")  # compare x0_tilde with the input | with D(E(x))
     gamma: Optional[float] = inference_field(0.2)  # eq. 8 clip; None = no clip, map = |x0_tilde - x0|
     smoothing_sigma: float = inference_field(5.0)  # Gaussian G, in internal-resolution pixels (paper: unstated; code: 5)
-    amp: bool = inference_field(True)  # bf16 autocast of the networks when scoring on CUDA (DDIM state stays fp32)
 
 
 # Quick sizes: a narrow kl-f8 VAE (64 px -> 4 x 8 x 8 latents), a small UNet, few epochs.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from typing import Any, Optional
 
 import numpy as np
@@ -20,6 +19,7 @@ from torch import nn
 
 from datasets.format import SliceSet
 from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod
+from methods.common.accel import compile_forward, configure_backends, prefetch_epoch, to_channels_last, train_autocast
 from methods.madad import anomaly
 from methods.madad.augment import augment
 from methods.madad.config import (
@@ -283,15 +283,22 @@ class MADAD(UADMethod):
 
     def _train_autocast(self, device: torch.device):
         """bf16 autocast for network forward passes in training (CUDA and ``train_amp`` only)."""
-        if self.config.train_amp and device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return train_autocast(device, self.config.train_amp)
 
     @staticmethod
     def _enable_tf32(device: torch.device) -> None:
-        if device.type == "cuda":  # as the authors' train-MAD-AD.py
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        configure_backends(device)  # TF32 as the authors' train-MAD-AD.py, and cuDNN autotuning
+
+    def _read(self, data: SliceSet):
+        """Rows of ``data`` as the loader reads them (images, brain masks; float32)."""
+        return lambda idx: (np.asarray(data.images[idx], dtype=np.float32), np.asarray(data.brain_masks[idx], dtype=np.float32))
+
+    @property
+    def _denoiser_forward(self):
+        """The denoiser's forward pass (``torch.compile`` of it on CUDA with ``compile``); built once per network."""
+        if getattr(self, "_compiled", None) is None or self._compiled[0] is not self.denoiser:
+            self._compiled = (self.denoiser, compile_forward(self.denoiser, self.device, self.config.compile))
+        return self._compiled[1]
 
     def _fit(self, train: SliceSet, val: Optional[SliceSet]) -> None:
         self._check_config()
@@ -322,12 +329,14 @@ class MADAD(UADMethod):
         self.notes["vae_epochs"] = epochs
 
         def vae_batches(epoch: int):
-            for idx in self.iterate_minibatches(len(train), c.vae_batch_size, gen):
-                yield self._to_vae(self._batch(train, idx)[0])
+            order = list(self.iterate_minibatches(len(train), c.vae_batch_size, gen))
+            for _, (x, _) in prefetch_epoch(self._read(train), order, device):
+                yield self._to_vae(x)
 
+        to_channels_last(self.vae.to(device), device, c.channels_last)
         history = train_vae(
             self.vae, vae_batches, epochs, c.vae_lr, c.vae_rec_loss, c.vae_kl_weight,
-            c.vae_adversarial_weight, c.vae_adversarial_start_epoch, device, desc="madad vae",
+            c.vae_adversarial_weight, c.vae_adversarial_start_epoch, device, desc="madad vae", amp=c.train_amp,
         )
         self.vae.to(device).eval().requires_grad_(False)  # frozen from here on
         self.notes["vae_final_loss"] = history[-1] if history else None
@@ -404,7 +413,7 @@ class MADAD(UADMethod):
         # 3. Denoiser on the masked forward process.
         self.abar = alphas_cumprod(c.schedule, c.timesteps)
         latent_channels = int(self.notes["vae_arch"]["latent_channels"])
-        self.denoiser = self._make_denoiser(latent_channels).to(device)
+        self.denoiser = to_channels_last(self._make_denoiser(latent_channels).to(device), device, c.channels_last)
         ema = None
         if c.ema_decay > 0:
             ema = self._make_denoiser(latent_channels).to(device)
@@ -498,12 +507,16 @@ class MADAD(UADMethod):
         parts = torch.zeros(3, dtype=torch.float64)
         count, step = 0, 0
         bar = progress_bar(range(c.epochs), desc="madad denoiser", unit="epoch")
+        forward = self._denoiser_forward
         for epoch in bar:
             sums = torch.zeros(3, device=device)  # loss, mse, mask term (x batch size); read once an epoch
             count = 0
-            for idx in self.iterate_minibatches(len(train), c.batch_size, gen):
+            order = list(self.iterate_minibatches(len(train), c.batch_size, gen))
+            # the rows are read ahead only when they are used (augmentation re-encodes them)
+            batches = prefetch_epoch(self._read(train), order, device) if cached is None else ((idx, None) for idx in order)
+            for idx, rows in batches:
                 if cached is None:
-                    x, brain = self._batch(train, idx)
+                    x, brain = rows
                     xv, brain = augment(
                         self._to_vae(x.to(device)), self._brain_internal(brain.to(device)), dgen, c.aug_p,
                         c.aug_rotate_deg, c.aug_translate_px, c.aug_brightness, c.aug_contrast,
@@ -519,7 +532,7 @@ class MADAD(UADMethod):
                     sel = torch.as_tensor(idx, device=device)
                     mean, std, allowed = cached[0][sel], cached[1][sel], cached[2][sel]
                 z0 = self._diffusion_latents(mean, std, dgen)
-                loss, mse, mask_term = self._denoiser_loss(model, z0, allowed, dgen, gen, c.mask_ratio_max, probs)
+                loss, mse, mask_term = self._denoiser_loss(forward, z0, allowed, dgen, gen, c.mask_ratio_max, probs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -575,7 +588,7 @@ class MADAD(UADMethod):
 
     def _denoise(self, z: torch.Tensor, t_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The network under the caller's autocast; outputs back in float32."""
-        z0_hat, logits = self.denoiser(z, t_index)
+        z0_hat, logits = self._denoiser_forward(z, t_index)
         return z0_hat.float(), logits.float()
 
     def _restore(self, images: torch.Tensor) -> dict[str, Any]:

@@ -34,8 +34,10 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from methods.common.accel import train_autocast
 from methods.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -208,12 +210,14 @@ def train_vae(
     adversarial_start_epoch: int = 0,
     device: torch.device = torch.device("cpu"),
     desc: str = "vae",
+    amp: bool = False,
 ) -> list[float]:
     """Train ``vae`` in place; ``batches(epoch)`` yields ``B x 1 x S x S`` images on [-1, 1].
 
     Loss = reconstruction (L1 or L2, per pixel) + ``kl_weight`` * KL (per element), plus a
     hinge PatchGAN term after ``adversarial_start_epoch`` if ``adversarial_weight > 0``.
-    Returns the mean loss per epoch.
+    Returns the mean loss per epoch. ``amp``: the encoder, decoder and discriminator run
+    under bf16 autocast on CUDA; the posterior, its sample and the losses stay float32.
     """
     if rec_loss not in ("l1", "l2"):
         raise ValueError(f"vae_rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
@@ -228,19 +232,28 @@ def train_vae(
         total, count = torch.zeros((), device=device), 0  # read back once an epoch (no per-step sync)
         for x in batches(epoch):
             x = x.to(device)
-            posterior = vae.encode(x).latent_dist
-            recon = vae.decode(posterior.sample()).sample
+            with train_autocast(device, amp):
+                posterior = vae.encode(x).latent_dist
+            if posterior.parameters.dtype != torch.float32:  # bf16 moments: rebuild the posterior in float32
+                posterior = DiagonalGaussianDistribution(posterior.parameters.float())
+            with train_autocast(device, amp):
+                recon = vae.decode(posterior.sample()).sample
+            recon = recon.float()
             err = (recon - x).abs() if rec_loss == "l1" else (recon - x) ** 2
             kl = posterior.kl().sum() / posterior.mean.numel()
             loss = err.mean() + kl_weight * kl
             use_adv = disc is not None and epoch >= adversarial_start_epoch
             if use_adv:
-                loss = loss - adversarial_weight * disc(recon).mean()
+                with train_autocast(device, amp):
+                    fake = disc(recon)
+                loss = loss - adversarial_weight * fake.float().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if use_adv:
-                d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(recon.detach())).mean()
+                with train_autocast(device, amp):
+                    real, fake = disc(x), disc(recon.detach())
+                d_loss = F.relu(1 - real.float()).mean() + F.relu(1 + fake.float()).mean()
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 opt_d.step()

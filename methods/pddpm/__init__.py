@@ -7,7 +7,9 @@ predicts x0 and the L1 loss is taken over the noised patch only (the authors'
 patch contributes). Test: every patch of a grid of non-overlapping ``patch_size`` squares
 (48 x 48 at 128 x 128) is, in turn, noised alone to ``t_start`` = 499 (of T = 1000) and
 restored by one x0 prediction; the restoration is stitched from the patches and the map
-is ``|x - x_hat|`` (channel mean, data units).
+is ``|x - x_hat|`` (channel mean, data units). The K patch inputs of a batch go through
+the network as one batch of K x B (the same numbers as K sequential passes, to float
+rounding); training picks each slice's patch on the device (no host sync).
 
 The grid. Patches start at 0, p, 2p, ...; when ``p`` does not divide the side (128 / 48),
 the last row/column patch is shifted inward to end at the border (starts 0, 48, 80), so
@@ -146,20 +148,26 @@ class PDDPM(PixelDiffusionMethod):
     def training_noise(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         return self.sample_noise(x0, generator)
 
+    def grid_masks(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The grid's boxes as masks ``K x 1 x H x W`` (1 inside patch k)."""
+        boxes, _ = self.grid()
+        h, w = self.internal_size
+        masks = torch.zeros(len(boxes), 1, h, w, device=device, dtype=dtype)
+        for k, (y0, y1, xa, xb) in enumerate(boxes):
+            masks[k, :, y0:y1, xa:xb] = 1.0
+        return masks
+
     def training_loss(self, x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         assert self.model is not None
         b = x0.shape[0]
-        boxes, _ = self.grid()
-        # one grid patch per slice, as the authors' grid_boxes=True training
-        pick = torch.randint(0, len(boxes), (b,), generator=generator, device=x0.device).tolist()
-        box_mask = torch.zeros(b, 1, *x0.shape[-2:], device=x0.device, dtype=x0.dtype)
-        for i, k in enumerate(pick):
-            y0, y1, xa, xb = boxes[k]
-            box_mask[i, :, y0:y1, xa:xb] = 1.0
+        masks = self.grid_masks(x0.device, x0.dtype)
+        # one grid patch per slice, as the authors' grid_boxes=True training (picked on the device: no host sync)
+        pick = torch.randint(0, masks.shape[0], (b,), generator=generator, device=x0.device)
+        box_mask = masks[pick]
         t = torch.randint(0, self.T, (b,), generator=generator, device=x0.device)
         x_t = self.schedule.q_sample(x0, t, self.training_noise(x0, generator))
         x_in = box_mask * x_t + (1 - box_mask) * x0  # only the patch is noised
-        out = self.model(x_in, t)
+        out = self.train_output(x_in, t)
         err = (out - x0).abs() if self.config.loss == "l1" else (out - x0) ** 2
         weight = box_mask.expand_as(err)
         return (err * weight).sum() / weight.sum().clamp(min=1.0)
@@ -171,16 +179,19 @@ class PDDPM(PixelDiffusionMethod):
         return self.restore_at(x, int(self.config.val_t), generator)
 
     def restore_at(self, x: torch.Tensor, t: int, generator) -> torch.Tensor:
-        """Every grid patch noised alone to ``t`` and restored in one pass, stitched from the owners."""
+        """Every grid patch noised alone to ``t`` and restored in one pass, stitched from the owners.
+
+        The K patch inputs of the batch are stacked along the batch axis and go through the
+        network together (one pass of K x B inputs; ``nfe`` still counts K per slice). The
+        noise is drawn patch after patch, as a sequential loop would draw it.
+        """
         self.schedule.check_t(t)
-        boxes, owners = self.grid()
+        _, owners = self.grid()
+        masks = self.grid_masks(x.device, x.dtype)  # K x 1 x H x W
         owners = owners.to(device=x.device, dtype=x.dtype)
-        x_hat = torch.zeros_like(x)
-        for k, (y0, y1, xa, xb) in enumerate(boxes):
-            box_mask = torch.zeros_like(x[:1, :1])
-            box_mask[..., y0:y1, xa:xb] = 1.0
-            x_t = self.noise_to(x, t, self.sample_noise(x, generator))
-            x_in = box_mask * x_t + (1 - box_mask) * x  # this patch noised alone, the rest clean
-            x0 = self.denoise_one_pass(x_in, t)
-            x_hat = x_hat + owners[k] * x0  # each pixel from the one patch that owns it
-        return x_hat
+        k, b = masks.shape[0], x.shape[0]
+        noised = torch.stack([self.noise_to(x, t, self.sample_noise(x, generator)) for _ in range(k)])  # K x B x C x H x W
+        x_in = masks[:, None] * noised + (1 - masks[:, None]) * x[None]  # patch k noised alone, the rest clean
+        x0 = self.denoise_one_pass(x_in.flatten(0, 1), t).view(k, b, *x.shape[1:])
+        self.nfe += k - 1  # one pass, K evaluations per slice
+        return (owners[:, None, None] * x0).sum(dim=0)  # each pixel from the one patch that owns it
