@@ -84,7 +84,13 @@ def _fit_and_score(name: str, **overrides):
     return method, counter
 
 
-CASES = [(name, {}) for name in list_methods()] + [
+
+def builtin_methods() -> list[str]:
+    """The suite's own methods (plugins that other test modules register are not planned here)."""
+    return [name for name in list_methods() if get_method_class(name).__module__.startswith("methods.")]
+
+
+CASES = [(name, {}) for name in builtin_methods()] + [
     ("madad", {"map_reference": "vae_reconstruction", "ddim_steps": 1}),  # a second decode per slice
     ("autoddpm", {"resample_steps": 3}),
     ("thor", {"t_start": 6, "t_harmonization": (5, 2, 1)}),
@@ -196,9 +202,9 @@ def test_estimate_prints_the_s2_paper_table_quickly() -> None:
         assert main(["--protocol", "S2", "--methods", "all", "--profile", "paper", "--data", "published", "--estimate", "--gpu", "h200"]) == 0
     seconds = time.process_time() - start
     text = out.getvalue()
-    for name in list_methods():
+    for name in builtin_methods():
         assert f"\n{name:>9s} " in text or f"\n {name:>9s}" in text or f" {name} " in text, name
-    assert "44 job(s)" in text and "device-hours" in text and "by autoddpm" in text  # DDPM/THOR reuse AutoDDPM's training
+    assert f"{4 * len(list_methods())} job(s)" in text and "device-hours" in text and "by autoddpm" in text  # DDPM/THOR reuse AutoDDPM's training
     assert "989.5 TFLOP/s" in text
     assert seconds < 20, f"--estimate took {seconds:.1f} s of CPU"
 
