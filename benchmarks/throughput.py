@@ -156,6 +156,11 @@ def measure_scoring(
         "rounds": 1 if benchmark.disabled else rounds,
         **extra,
     }
+    return report(benchmark, info, cuda)
+
+
+def report(benchmark: Any, info: dict, cuda: bool) -> dict:
+    """Add the peak GPU memory (on CUDA), store ``info`` in the benchmark's extra_info and print it."""
     if cuda:
         info["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     benchmark.extra_info.update(info)

@@ -25,7 +25,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from benchmarks.throughput import cpu_threads, efficiency, plan_flops, synthetic_set, timed, untrained  # noqa: E402
+from benchmarks.throughput import cpu_threads, efficiency, plan_flops, report, synthetic_set, timed, untrained  # noqa: E402
 
 STEPS = 4  # optimiser steps per timed round
 
@@ -63,11 +63,7 @@ def _report(benchmark, method, stage: str, batch: int, step_fn, rounds: int, war
         "rounds": 1 if benchmark.disabled else rounds,
         **extra,
     }
-    if cuda:
-        info["max_memory_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    benchmark.extra_info.update(info)
-    print(f"\n{info}")
-    return info
+    return report(benchmark, info, cuda)
 
 
 def _ddpm(benchmark, profile: str, device: str, batch: int, rounds: int, warmup_rounds: int) -> dict:
