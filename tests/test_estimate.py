@@ -96,6 +96,10 @@ CASES = [(name, {}) for name in builtin_methods()] + [
     ("thor", {"t_start": 6, "t_harmonization": (5, 2, 1)}),
     ("pddpm", {"patch_size": 16}),  # 16 at 16 px: one patch
     ("madad", {"checkpoint": "best_val_mse", "val_every": 1}),  # validation passes in fit
+    # dry runs cut every reverse chain (validation's too): the plan counts the cut chains
+    ("ddpm", {"max_reverse_steps": 2}),
+    ("autoddpm", {"max_reverse_steps": 2, "resample_steps": 2}),
+    ("thor", {"max_reverse_steps": 2}),
 ]
 
 
