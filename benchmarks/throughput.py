@@ -116,8 +116,20 @@ def efficiency(device: torch.device, flops_per_second: float) -> dict[str, Any]:
     return info
 
 
-def timed(benchmark: Any, fn: Callable[[], None], rounds: int, warmup_rounds: int) -> float:
-    """Seconds per call: pytest-benchmark's median over ``rounds`` after ``warmup_rounds`` (one plain call when disabled)."""
+def timed(benchmark: Any, fn: Callable[[], None], rounds: int, warmup_rounds: int, device: torch.device | None = None) -> float:
+    """Seconds per call: pytest-benchmark's median over ``rounds`` after ``warmup_rounds`` (one plain call when disabled).
+
+    On a CUDA ``device`` every call waits for the GPU, and the peak-memory counter starts
+    afresh, so that the timings and ``max_memory_allocated`` describe ``fn`` alone.
+    """
+    if device is not None and device.type == "cuda":
+        call = fn
+
+        def fn() -> None:
+            call()
+            torch.cuda.synchronize(device)
+
+        torch.cuda.reset_peak_memory_stats(device)
     if benchmark.disabled:
         start = time.perf_counter()
         benchmark(fn)
@@ -131,15 +143,7 @@ def measure_scoring(
 ) -> dict[str, Any]:
     """Time ``method.score`` (median of ``rounds`` after warm-up) and report slices/s, peak memory and MFU."""
     cuda = method.device.type == "cuda"
-
-    def score() -> None:
-        method.score(images, masks)
-        if cuda:
-            torch.cuda.synchronize()
-
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timed(benchmark, score, rounds, warmup_rounds)
+    seconds = timed(benchmark, lambda: method.score(images, masks), rounds, warmup_rounds, method.device)
     plan, flops = plan_flops(method)
     per_slice = sum(e.count * flops[e.stage] for e in plan.score)
     info: dict[str, Any] = {

@@ -41,12 +41,8 @@ def _report(benchmark, method, stage: str, batch: int, step_fn, rounds: int, war
     def run() -> None:
         with _autocast(device):
             step_fn()
-        if cuda:
-            torch.cuda.synchronize()
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    seconds = timed(benchmark, run, rounds, warmup_rounds)
+    seconds = timed(benchmark, run, rounds, warmup_rounds, device)
     _, flops = plan_flops(method)
     step_flops = 3.0 * flops[stage] * batch  # forward + backward
     info: dict[str, Any] = {
