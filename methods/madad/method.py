@@ -121,8 +121,8 @@ class MADAD(UADMethod):
         _choice("latent_norm_region", c.latent_norm_region, LATENT_NORM_REGIONS)
         _choice("checkpoint", c.checkpoint, CHECKPOINTS)
         _choice("ddim_spacing", c.ddim_spacing, DDIM_SPACINGS)
-        if c.val_every < 1 or c.log_every < 1:
-            raise ConfigError(f"madad: val_every and log_every must be >= 1, got {c.val_every}, {c.log_every}")
+        if c.val_every < 1:  # log_every is checked by the base class, for every method
+            raise ConfigError(f"madad: val_every must be >= 1, got {c.val_every}")
         factor = 2 ** (len(c.vae_block_out_channels) - 1)
         if c.image_size % factor:
             raise ConfigError(f"madad: image_size {c.image_size} must be divisible by the VAE factor {factor}")
