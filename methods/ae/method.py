@@ -35,7 +35,6 @@ run), ``compile`` and ``channels_last`` for the training forward passes.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +46,7 @@ from torch import nn
 from datasets.format import SliceSet
 from methods.base import DRY_RUN_BATCH, ConfigError, MethodConfig, UADMethod
 from methods.common.accel import compile_forward, prefetch_epoch, to_channels_last, train_autocast
+from methods.common.loss_meter import LossMeter
 from methods.common.resolution import InternalResolution
 from methods.progress import progress_bar
 from methods.registry import register_method
@@ -222,7 +222,7 @@ class AutoEncoder(InternalResolution, UADMethod):
         def read(index: np.ndarray) -> tuple[np.ndarray]:
             return (np.asarray(train.images[index], dtype=np.float32),)
 
-        total = torch.zeros(2, dtype=torch.float64, device=device)  # sum of L1 x slices, slices, since the last read-out
+        meter = LossMeter("ae", device, names=("l1",))
         step = 0
         for epoch in bar:
             self.model.train()
@@ -232,30 +232,19 @@ class AutoEncoder(InternalResolution, UADMethod):
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-                total[0] += loss.detach().double() * len(index)
-                total[1] += len(index)
+                meter.add(loss, weight=len(index))
                 step += 1
                 if step % cfg.log_every == 0:  # the only host sync of the loop
-                    self._log(bar, total, step)
+                    bar.set_postfix(meter.postfix(meter.read(step)))
             if cfg.keep_best and val is not None and len(val) > 0:
                 val_l1 = self._l1(val)
                 if best is None or val_l1 < best[0]:
                     best = (val_l1, epoch, copy.deepcopy(self.model.state_dict()))
-        self._log(bar, total, step)
+        meter.read(step)  # the steps since the last read-out
         if best is not None:
             self.model.load_state_dict(best[2])
             self.notes["best_val_epoch"], self.notes["best_val_l1"] = best[1], best[0]
         self.model.eval()
-
-    def _log(self, bar, total: torch.Tensor, step: int) -> None:
-        """Read the running L1 back (a host sync), show it, stop a diverged run, restart the sum."""
-        if float(total[1]) == 0:
-            return
-        l1 = float(total[0] / total[1])
-        if not math.isfinite(l1):
-            raise FloatingPointError(f"ae: the training loss is not finite ({l1}) by step {step}")
-        bar.set_postfix(l1=f"{l1:.4f}")
-        total.zero_()
 
     def _reconstruct_batch(self, images: torch.Tensor, brain_masks: torch.Tensor) -> torch.Tensor:
         recon = self.model(self._to_internal(images))

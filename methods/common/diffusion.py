@@ -68,6 +68,7 @@ from torch import nn
 from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
 from methods.common.accel import compile_forward, prefetch_epoch, to_channels_last, train_autocast
 from methods.common.augment import random_affine_flip
+from methods.common.loss_meter import LossMeter
 from methods.common.backbone import backbone_kwargs, build_unet, load_unet_checkpoint
 from methods.common.noise import SliceGenerators, gaussian_noise, per_slice, slice_seed  # noqa: F401 (re-exported)
 from methods.common.schedules import NoiseSchedule, make_schedule
@@ -578,10 +579,9 @@ class PixelDiffusionMethod(UADMethod):
         def read(idx: np.ndarray) -> tuple[np.ndarray]:
             return (np.asarray(train.images[idx], dtype=np.float32),)
 
-        epoch_sums: list[torch.Tensor] = []  # per epoch: [sum of losses, steps], on the device (read at log-outs)
+        meter = LossMeter(self.name, device)
+        epoch_means: list[torch.Tensor] = []  # per epoch, on the device (read once, after training)
         while step < total_steps:
-            total = torch.zeros(2, dtype=torch.float64, device=device)
-            epoch_sums.append(total)
             # the epoch's order is drawn here, before any draw of the steps, as a direct loop does
             for _, (batch,) in prefetch_epoch(read, list(self.iterate_minibatches(n, c.batch_size, cpu_gen)), device):
                 batch = self.resize(batch, self.internal_size)
@@ -595,37 +595,29 @@ class PixelDiffusionMethod(UADMethod):
                     with torch.no_grad():
                         for p_ema, p in zip(ema.parameters(), self.model.parameters()):
                             p_ema.mul_(c.ema_decay).add_(p.detach(), alpha=1.0 - c.ema_decay)
-                total[0] += loss.detach().double()
-                total[1] += 1
+                meter.add(loss)
                 step += 1
                 bar.update(1)
                 if step % int(c.log_every) == 0:  # the only host sync of the loop
-                    self._check_loss(total, bar, step)
+                    bar.set_postfix(meter.postfix(meter.read(step)))
                 if validate and step % int(c.val_every) == 0:
                     best = self._validate(val, ema, step, best)  # type: ignore[arg-type]
                     self.model.train()
                 if step >= total_steps:
                     break
+            epoch_means.append(meter.end_epoch())
         bar.close()
-        history = [float(s[0] / s[1].clamp(min=1)) for s in torch.stack(epoch_sums).cpu()] if epoch_sums else []
+        meter.read(step)  # the steps since the last read-out
+        history = torch.cat(epoch_means).tolist() if epoch_means else []
         if ema is not None:
             self.model.load_state_dict(ema.state_dict())  # score with the averaged weights (Wyatt's code)
         self.model.eval()
-        if history and not math.isfinite(history[-1]):
-            raise RuntimeError(f"{self.name}: training diverged (loss {history[-1]})")
         if c.keep_best and best is not None:
             self.model.load_state_dict(best[2])
             self.notes["best_val_step"], self.notes["best_val_loss"] = best[1], best[0]
         self.notes["final_train_loss"] = history[-1] if history else None
         self.notes["train_steps"] = total_steps
         self.notes["train_epochs"] = round(total_steps / steps_per_epoch, 2)  # epochs of this training set
-
-    def _check_loss(self, total: torch.Tensor, bar, step: int) -> None:
-        """Read the running loss back (a host sync): show it and stop a diverged run."""
-        mean = float(total[0] / total[1].clamp(min=1))
-        if not math.isfinite(mean):
-            raise RuntimeError(f"{self.name}: training diverged (loss {mean} by step {step})")
-        bar.set_postfix(loss=f"{mean:.4f}")
 
     def _validate(self, val: "SliceSet", ema: nn.Module | None, step: int, best: tuple[float, int, dict] | None):
         """Validate the weights scoring would use; keep a copy if they are the best so far."""

@@ -14,13 +14,13 @@ loss stops the run.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
+from methods.common.loss_meter import LossMeter
 from methods.progress import progress_bar
 
 #: ``loss_fn(batch)``: the loss of one item of the batch iterator (indices, or indices and tensors).
@@ -60,7 +60,8 @@ def train_steps(
     optimiser = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     net.train()
     device = next(net.parameters()).device
-    losses = torch.zeros(int(steps), dtype=torch.float32, device=device)
+    losses = torch.zeros(int(steps), dtype=torch.float32, device=device)  # per step, for the caller
+    meter = LossMeter(desc, device, names=("mse",))
     bar = progress_bar(range(int(steps)), desc=desc, unit="step")
     for step in bar:
         done = step - 1  # the authors decay right after the update with index k * lr_decay_steps
@@ -72,14 +73,9 @@ def train_steps(
         loss.backward()
         optimiser.step()
         losses[step] = loss.detach()
+        meter.add(loss)
         if (step + 1) % log_every == 0 or step + 1 == steps:  # the only host syncs of the loop
-            _check(losses[max(0, step + 1 - log_every) : step + 1], bar, step, desc)
+            bar.set_postfix(meter.postfix(meter.read(step + 1)))
     net.eval()
     return losses.tolist()
 
-
-def _check(recent: torch.Tensor, bar, step: int, desc: str) -> None:
-    values = recent.tolist()
-    if not all(math.isfinite(v) for v in values):
-        raise FloatingPointError(f"{desc}: the training loss is not finite ({values[-1]}) by step {step}")
-    bar.set_postfix(mse=f"{values[-1]:.4f}")

@@ -27,6 +27,7 @@ from torch import nn
 from datasets.format import SliceSet
 from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod, inference_field
 from methods.common.accel import compile_forward, prefetch_endless, to_channels_last, train_autocast
+from methods.common.loss_meter import LossMeter
 from methods.common.resolution import InternalResolution
 from methods.dae.network import DAEUNet
 from methods.dae.ops import add_coarse_noise, erode_foreground, masked_mse, median_filter, unit_ratio
@@ -228,20 +229,20 @@ class DenoisingAutoencoder(InternalResolution, UADMethod):
             lambda index: self._read(train, index), lambda: list(self.iterate_minibatches(len(train), batch, generator, drop_last=True)), device
         )
         best_state, best_loss, best_iteration = None, float("inf"), 0
-        finite = torch.ones((), dtype=torch.bool, device=device)  # all losses since the last check finite
+        meter = LossMeter("dae", device, names=("mse",))
         self.model.train()
         bar = progress_bar(range(1, cfg.iterations + 1), desc="fit dae", unit="it")
         for iteration in bar:
             x, fg = self._prepare(*next(batches)[1])
             loss = self._restoration_loss(forward, x, fg, std, generator)
-            finite &= torch.isfinite(loss.detach())
+            meter.add(loss)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=cfg.grad_clip)
             optimiser.step()
             if iteration % cfg.log_every == 0 or iteration == cfg.iterations or iteration % cfg.epoch_len == 0:
-                if not bool(finite):  # the divergence check, at read-out time only (a host sync)
-                    raise FloatingPointError(f"dae: the training loss is not finite ({float(loss)}) by iteration {iteration}")
+                shown = meter.postfix(meter.read(iteration))  # the divergence check (a host sync)
+                bar.set_postfix(shown)
             if iteration % cfg.epoch_len:
                 continue
             scheduler.step()  # once per epoch of epoch_len iterations, before validation
@@ -249,7 +250,7 @@ class DenoisingAutoencoder(InternalResolution, UADMethod):
                 val_loss = self._val_loss(val, std, generator, forward)
                 if val_loss < best_loss:  # strictly better, as their ModelSaver
                     best_state, best_loss, best_iteration = copy.deepcopy(self.model.state_dict()), val_loss, iteration
-                bar.set_postfix(mse=f"{float(loss.detach()):.5f}", val=f"{val_loss:.5f}")
+                bar.set_postfix({**shown, "val": f"{val_loss:.5f}"})  # shown: read at every epoch end
         if best_state is not None:
             self.model.load_state_dict(best_state)
             self.notes.update(checkpoint="best validation loss", best_val_loss=best_loss, best_iteration=best_iteration)

@@ -20,6 +20,7 @@ from torch import nn
 from datasets.format import SliceSet
 from methods.base import DRY_RUN_BATCH, DRY_RUN_STEPS, ConfigError, MethodConfig, UADMethod
 from methods.common.accel import compile_forward, configure_backends, prefetch_epoch, to_channels_last, train_autocast
+from methods.common.loss_meter import LossMeter
 from methods.madad import anomaly
 from methods.madad.augment import augment
 from methods.madad.config import (
@@ -504,13 +505,12 @@ class MADAD(UADMethod):
         dgen = gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(c.seed)
         losses: list[float] = []
         best = (math.inf, -1, None)  # (validation MSE, epoch, weights)
-        parts = torch.zeros(3, dtype=torch.float64)
-        count, step = 0, 0
+        parts = [0.0, 0.0, 0.0]  # this epoch's mean loss, MSE and mask term
+        meter = LossMeter("madad denoiser", device, names=("loss", "mse", "mask"))
+        step = 0
         bar = progress_bar(range(c.epochs), desc="madad denoiser", unit="epoch")
         forward = self._denoiser_forward
         for epoch in bar:
-            sums = torch.zeros(3, device=device)  # loss, mse, mask term (x batch size); read once an epoch
-            count = 0
             order = list(self.iterate_minibatches(len(train), c.batch_size, gen))
             # the rows are read ahead only when they are used (augmentation re-encodes them)
             batches = prefetch_epoch(self._read(train), order, device) if cached is None else ((idx, None) for idx in order)
@@ -540,16 +540,15 @@ class MADAD(UADMethod):
                     with torch.no_grad():
                         for pe, pm in zip(ema.parameters(), model.parameters()):
                             pe.lerp_(pm, 1 - c.ema_decay)
-                b = z0.shape[0]
-                sums += torch.stack([loss.detach(), mse.detach(), mask_term.detach()]) * b
-                count += b
+                meter.add(loss, mse, mask_term, weight=z0.shape[0])
                 step += 1
                 if step % c.log_every == 0:  # the only host syncs within an epoch
-                    bar.set_postfix(mse=f"{float(sums[1]) / count:.4f}", mask=f"{float(sums[2]) / count:.4f}")
+                    bar.set_postfix(meter.postfix(meter.read(step)))
             sched.step()
-            parts = sums.double().cpu() / max(count, 1)
-            losses.append(float(parts[0]))
-            bar.set_postfix(mse=f"{float(parts[1]):.4f}", mask=f"{float(parts[2]):.4f}")
+            meter.read(step)  # the divergence check for the epoch's last steps
+            parts = meter.end_epoch().tolist()
+            losses.append(parts[0])
+            bar.set_postfix(mse=f"{parts[1]:.4f}", mask=f"{parts[2]:.4f}")
             if val_set is not None and epoch % c.val_every == 0 and epoch != 0:  # the authors' schedule
                 score = self._validation_mse(ema if ema is not None else model, val_set)
                 if score < best[0]:

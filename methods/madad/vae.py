@@ -38,6 +38,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from methods.common.accel import train_autocast
+from methods.common.loss_meter import LossMeter
 from methods.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,8 @@ def train_vae(
         disc = PatchDiscriminator().to(device)
         opt_d = torch.optim.AdamW(disc.parameters(), lr=lr, betas=(0.5, 0.9))
     history = []
+    meter = LossMeter(desc, device)  # read back once an epoch (no per-step sync)
     for epoch in progress_bar(range(epochs), desc=desc, unit="epoch"):
-        total, count = torch.zeros((), device=device), 0  # read back once an epoch (no per-step sync)
         for x in batches(epoch):
             x = x.to(device)
             with train_autocast(device, amp):
@@ -257,9 +258,8 @@ def train_vae(
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 opt_d.step()
-            total += loss.detach() * x.shape[0]
-            count += x.shape[0]
-        history.append(float(total) / max(count, 1))
+            meter.add(loss, weight=x.shape[0])
+        history.append(meter.read(epoch, unit="epoch").get("loss", 0.0))
     vae.eval()
     for p in vae.parameters():
         p.requires_grad_(False)
