@@ -40,6 +40,20 @@ def make_tiny_slices(n_train: int = 12, n_val: int = 4, n_test: int = 6, size: i
     return SliceSet(images, lesions, np.repeat(brain[None], n, 0), table, modalities, manifest={"name": "tiny"})
 
 
+def tiny_training_splits(method_name: str, n_train: int = 6, n_val: int = 2, size: int = 32) -> tuple[SliceSet, SliceSet]:
+    """(train, val) of tiny slices for a FLAIR job of ``method_name``: one channel, or the
+    channels of its ``training_modalities`` in their order, as the runner gives ``fit``."""
+    from benchmarks.execute import paired_split
+    from methods.registry import create_method
+
+    modalities = create_method(method_name, "tiny", device="cpu").training_modalities("FLAIR")
+    single = modalities == ["FLAIR"]
+    data = make_tiny_slices(n_train=n_train, n_val=n_val, n_test=0, size=size, channels=1 if single else 4)
+    if single:
+        return data.split("train"), data.split("val")
+    return paired_split(data, modalities, "train"), paired_split(data, modalities, "val")
+
+
 @pytest.fixture
 def tiny_slices() -> SliceSet:
     return make_tiny_slices()

@@ -12,7 +12,7 @@ from methods.common import accel
 from methods.common.accel import compile_forward, configure_backends, prefetch_endless, prefetch_epoch, to_channels_last, train_autocast
 from methods.common.liang_train import endless_batches, epoch_batches
 from methods.registry import create_method
-from tests.conftest import make_tiny_slices
+from tests.conftest import make_tiny_slices, tiny_training_splits
 
 CPU = torch.device("cpu")
 
@@ -173,16 +173,8 @@ def test_training_through_the_prefetching_loader_is_bitwise_the_direct_read(name
     """Each training loop gives the same weights, bit for bit, with the threaded loader as with direct reads."""
     import importlib
 
-    from benchmarks.execute import paired_split
-
     modules, overrides = _LOOPS[name]
-    probe = create_method(name, "tiny", device="cpu")
-    modalities = probe.training_modalities("FLAIR")
-    data = make_tiny_slices(n_train=6, n_val=2, n_test=0, size=32, channels=1 if modalities == ["FLAIR"] else 4)
-    if modalities == ["FLAIR"]:
-        train, val = data.split("train"), data.split("val")
-    else:
-        train, val = paired_split(data, modalities, "train"), paired_split(data, modalities, "val")
+    train, val = tiny_training_splits(name)
 
     def weights() -> dict[str, torch.Tensor]:
         method = create_method(name, "tiny", device="cpu", seed=3, **overrides).fit(train, val)

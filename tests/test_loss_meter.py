@@ -10,7 +10,7 @@ import torch
 
 from methods.common.loss_meter import LossMeter
 from methods.registry import create_method
-from tests.conftest import make_tiny_slices
+from tests.conftest import tiny_training_splits
 
 
 def test_read_gives_weighted_means_since_the_last_read_and_epochs_keep_their_own_sums() -> None:
@@ -60,16 +60,8 @@ _DIVERGING = {
 
 @pytest.mark.parametrize("case", sorted(_DIVERGING))
 def test_every_training_loop_stops_when_its_loss_diverges(case: str) -> None:
-    from benchmarks.execute import paired_split
-
     name = case.split("-")[0]
-    probe = create_method(name, "tiny", device="cpu")
-    modalities = probe.training_modalities("FLAIR")
-    data = make_tiny_slices(n_train=6, n_val=2, n_test=0, size=32, channels=1 if modalities == ["FLAIR"] else 4)
-    if modalities == ["FLAIR"]:
-        train, val = data.split("train"), data.split("val")
-    else:
-        train, val = paired_split(data, modalities, "train"), paired_split(data, modalities, "val")
+    train, val = tiny_training_splits(name)
     assert np.isfinite(np.asarray(train.images)).all()
     method = create_method(name, "tiny", device="cpu", **_DIVERGING[case])
     with pytest.raises(FloatingPointError, match="the training loss is not finite"):
