@@ -29,29 +29,32 @@ class LossMeter:
             raise ValueError("LossMeter needs at least one loss name")
         self.desc = desc
         self.names = tuple(names)
-        # per sum: the weighted losses, then the total weight (the last entry)
-        self._window = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=device)
+        # weighted loss sums on the device; their weights are Python numbers, so on the host
+        self._window = torch.zeros(len(self.names), dtype=torch.float64, device=device)
         self._epoch = torch.zeros_like(self._window)
-        self._ones = torch.ones(1, dtype=torch.float64, device=device)
+        self._window_weight = self._epoch_weight = 0.0
 
     def add(self, *losses: torch.Tensor, weight: float = 1.0) -> None:
         """Add one step's losses (scalar tensors, in the order of ``names``), weighted."""
         if len(losses) != len(self.names):
             raise ValueError(f"{self.desc}: expected {len(self.names)} loss(es) {self.names}, got {len(losses)}")
-        values = torch.cat([torch.stack([loss.detach().double().reshape(()) for loss in losses]), self._ones]) * weight
+        values = torch.stack([loss.detach().double().reshape(()) for loss in losses]) * weight
         self._window += values
         self._epoch += values
+        self._window_weight += weight
+        self._epoch_weight += weight
 
     def read(self, step: int, unit: str = "step") -> dict[str, float]:
         """The mean losses since the last read-out (a host sync); raise if any is not finite.
 
-        Returns ``{}`` when nothing was added since the last read-out. Restarts the window.
+        Returns ``{}`` (without a sync) when nothing was added since the last read-out.
+        Restarts the window.
         """
-        sums = self._window.tolist()
-        self._window.zero_()
-        if sums[-1] == 0:
+        if self._window_weight == 0:
             return {}
-        means = {name: value / sums[-1] for name, value in zip(self.names, sums)}
+        means = {name: value / self._window_weight for name, value in zip(self.names, self._window.tolist())}
+        self._window.zero_()
+        self._window_weight = 0.0
         bad = {name: value for name, value in means.items() if not math.isfinite(value)}
         if bad:
             shown = ", ".join(f"{name} {value}" for name, value in bad.items())
@@ -63,8 +66,9 @@ class LossMeter:
 
         Stack the returned tensors and read them once, after training, for the history.
         """
-        means = self._epoch[:-1] / self._epoch[-1].clamp(min=torch.finfo(torch.float64).tiny)
+        means = self._epoch / self._epoch_weight if self._epoch_weight else self._epoch.clone()
         self._epoch = torch.zeros_like(self._epoch)
+        self._epoch_weight = 0.0
         return means
 
     @staticmethod
